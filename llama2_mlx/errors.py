@@ -1,0 +1,9 @@
+"""The one exception type the library raises for bad input.
+
+Its message is a single line that names the file, line, tensor or option at
+fault; the CLI prints it as ``error: <message>`` and exits with status 2.
+"""
+
+
+class Llama2Error(Exception):
+    """Bad input (file, data line, option or checkpoint) with a one-line explanation."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random-weight models and a tiny SentencePiece tokenizer,
+all created by the tests themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import pytest
+
+from llama2_mlx.model import ModelArgs, Transformer
+
+# A GQA config with ffn_dim_multiplier, like 70B but tiny.
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
+            ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=256)
+
+
+def make_model(seed: int = 0, dtype=mx.float32, **overrides) -> Transformer:
+    """A tiny random-weight Llama 2 model (norm weights randomised too)."""
+    mx.random.seed(seed)
+    args = ModelArgs(**{**TINY, **overrides})
+    model = Transformer(args)
+    # Non-trivial norm weights so that a mix-up of norms would show.
+    for layer in model.layers:
+        layer.input_layernorm.weight = 1 + 0.1 * mx.random.normal((args.dim,))
+        layer.post_attention_layernorm.weight = 1 + 0.1 * mx.random.normal((args.dim,))
+    model.model.norm.weight = 1 + 0.1 * mx.random.normal((args.dim,))
+    if dtype != mx.float32:
+        model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    return make_model()
+
+
+CORPUS_WORDS = (
+    "the quick brown fox jumps over the lazy dog llama model answer question what is "
+    "one two three four five six seven eight nine ten plus minus times equals hello world "
+    "please reverse spell count convert meters feet capital france paris italy rome"
+).split()
+
+
+def write_corpus(path, n_lines: int = 2000, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_lines):
+            words = [rng.choice(CORPUS_WORDS) for _ in range(rng.randint(3, 12))]
+            f.write(" ".join(words) + f" {rng.randint(0, 9999)}.\n")
+        f.write("café naïve 日本 ✓\n")
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory):
+    """A 512-piece BPE SentencePiece model trained like Llama 2's (digits split, byte fallback)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    write_corpus(d / "corpus.txt")
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512,
+        model_type="bpe", split_digits=True, byte_fallback=True, bos_id=1, eos_id=2,
+        unk_id=0, pad_id=-1, character_coverage=1.0, num_threads=1,
+        minloglevel=2,
+    )
+    return d / "tokenizer.model"
