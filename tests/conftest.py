@@ -55,14 +55,8 @@ def write_corpus(path, n_lines: int = 2000, seed: int = 0) -> None:
 @pytest.fixture(scope="session")
 def spm_path(tmp_path_factory):
     """A 512-piece BPE SentencePiece model trained like Llama 2's (digits split, byte fallback)."""
-    import sentencepiece as spm
+    from llama2_mlx.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("spm")
     write_corpus(d / "corpus.txt")
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512,
-        model_type="bpe", split_digits=True, byte_fallback=True, bos_id=1, eos_id=2,
-        unk_id=0, pad_id=-1, character_coverage=1.0, num_threads=1,
-        minloglevel=2,
-    )
-    return d / "tokenizer.model"
+    return train_tokenizer([d / "corpus.txt"], d / "tokenizer", 512, num_threads=1)
