@@ -33,7 +33,7 @@ def test_encode_bos_eos(tok):
 def test_chat_format_matches_meta_chat_completion(tok):
     dialog = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "  what is two plus two? "},
+        {"role": "user", "content": "what is two plus two? "},
         {"role": "assistant", "content": " four "},
         {"role": "user", "content": "and three?"},
     ]
@@ -43,8 +43,11 @@ def test_chat_format_matches_meta_chat_completion(tok):
         bos=True, eos=True,
     ) + e("[INST] and three? [/INST]", bos=True)
     assert tok.encode_chat(dialog) == expected
-    # Without a system prompt.
-    assert tok.encode_chat([{"role": "user", "content": "hello"}]) == e("[INST] hello [/INST]")
+    # Without a system prompt; contents are stripped.
+    assert tok.encode_chat([{"role": "user", "content": " hello\n"}]) == e("[INST] hello [/INST]")
+    # Meta strips the folded content as a whole: spaces after <</SYS>> stay.
+    folded = tok.encode_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "  u"}])
+    assert folded == e("[INST] <<SYS>>\nS\n<</SYS>>\n\n  u [/INST]")
 
 
 def test_chat_segments_flag_exactly_the_answers(tok):
