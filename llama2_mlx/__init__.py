@@ -1,0 +1,3 @@
+"""Llama 2 on MLX."""
+
+from .loader import convert, load, load_model, save_model
