@@ -1,0 +1,111 @@
+"""``llama2 generate`` and ``llama2 chat``."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import cli_errors, eprint
+from llama2_mlx.errors import Llama2Error
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo model)."
+)]
+DTypeOpt = Annotated[Optional[DType], typer.Option(help="Compute dtype (default: checkpoint's).")]
+AdapterOpt = Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt (implies --chat).")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
+TempOpt = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass, Meta's top-p (1 = off).")]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")]
+MinPOpt = Annotated[float, typer.Option(help="Keep tokens >= min-p times the top probability.")]
+RepPenOpt = Annotated[Optional[float], typer.Option(help="Repetition penalty, e.g. 1.1.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")]
+KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N tokens.")]
+
+
+def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
+    if model is None:
+        try:
+            from llama2_mlx.demo import default_model_path
+        except ImportError as e:
+            if e.name not in (None, "llama2_mlx.demo"):
+                raise
+            raise Llama2Error("no bundled demo model yet: pass --model PATH_OR_REPO") from None
+        model = default_model_path()
+    from llama2_mlx.loader import load
+
+    return load(model, dtype=dtype.value if dtype else None, adapter_path=adapter_path)
+
+
+def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):
+    from llama2_mlx.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
+        max_kv_size=max_kv_size,
+    )
+
+
+@cli_errors
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    model: ModelOpt = None, system: SystemOpt = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Apply the Llama 2 chat format.")] = False,
+    max_tokens: MaxTokensOpt = 256, temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0, repetition_penalty: RepPenOpt = None, seed: SeedOpt = None,
+    stop: StopOpt = None, dtype: DTypeOpt = None, adapter_path: AdapterOpt = None,
+    max_kv_size: KVOpt = None,
+) -> None:
+    """Generate text for one prompt: the text streams to stdout, statistics to stderr."""
+    from llama2_mlx.generate import format_stats, prompt_ids, stream_generate
+
+    config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop,
+                     max_kv_size)
+    config.check()
+    net, tokenizer = _load(model, dtype, adapter_path)
+    for r in stream_generate(net, tokenizer, prompt_ids(tokenizer, prompt, system, chat), config):
+        typer.echo(r.text, nl=False)
+    typer.echo()
+    eprint(format_stats(r))
+
+
+def _read_turn() -> Optional[str]:
+    print(">>> ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline() or None
+
+
+@cli_errors
+def chat(
+    model: ModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 512,
+    temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0,
+    repetition_penalty: RepPenOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = None,
+    adapter_path: AdapterOpt = None, max_kv_size: KVOpt = None,
+) -> None:
+    """Interactive multi-turn chat (/reset clears the history, /quit or end of input exits)."""
+    from llama2_mlx.generate import ChatSession, chat_loop
+
+    config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, None,
+                     max_kv_size)
+    config.check()
+    net, tokenizer = _load(model, dtype, adapter_path)
+    eprint("chat: /reset clears the history, /quit exits")
+    write = lambda text: typer.echo(text, nl=False)  # noqa: E731
+    chat_loop(ChatSession(net, tokenizer, config, system), _read_turn, write, eprint)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.command("chat")(chat)

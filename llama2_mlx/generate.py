@@ -1,0 +1,430 @@
+"""Text generation: a ladder of small functions.
+
+``make_sampler`` (sample.py) -> ``generate_step`` (token ids, prefill in chunks,
+then pipelined decoding) -> ``stream_generate`` (text chunks, stop conditions,
+statistics) -> ``generate`` (the whole text). ``batch_generate`` and
+``sample_k`` decode several sequences as one batch; ``ChatSession`` keeps a
+multi-turn dialog in the Llama 2 chat format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+
+from .cache import cache_nbytes, make_cache
+from .errors import Llama2Error
+from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
+from .tokenizer import SPECIAL_TAGS
+
+
+@dataclass
+class GenerationConfig:
+    """Options of one generation (see ``sample.make_sampler`` for the sampling ones)."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: Optional[int] = 20
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    prefill_step: int = 512
+    max_kv_size: Optional[int] = None
+
+    def make_sampler(self) -> Sampler:
+        """The sampler for temp/top_p/top_k/min_p."""
+        return make_sampler(self.temp, self.top_p, self.top_k, self.min_p)
+
+    def make_logits_processors(self) -> list[LogitsProcessor]:
+        """The logits processors (repetition penalty) for these options."""
+        return make_logits_processors(self.repetition_penalty, self.repetition_context_size)
+
+    def check(self) -> None:
+        """Raise ``Llama2Error`` for an invalid option."""
+        if self.max_tokens < 1:
+            raise Llama2Error(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.prefill_step < 1:
+            raise Llama2Error(f"prefill_step must be >= 1, got {self.prefill_step}")
+        self.make_sampler()
+        self.make_logits_processors()
+
+
+@dataclass
+class Response:
+    """One step of ``stream_generate``: new text and running statistics.
+
+    ``finish_reason`` is None until the last response ('stop': EOS or a stop
+    string; 'length': max_tokens). Speeds are tokens per second: the prompt
+    one includes sampling the first token, the generation one counts the
+    tokens after the first. ``peak_memory`` is in GB.
+    """
+
+    text: str
+    token: int
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    kv_cache_bytes: int
+    logprobs: Optional[mx.array] = None
+
+
+def _processors(model, tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
+    """The config's processors, plus a guard when the embedding has rows beyond the
+    tokenizer's pieces (padded vocabularies): those ids could not be decoded."""
+    processors = config.make_logits_processors()
+    n = tokenizer.vocab_size
+    if model.args.vocab_size > n:
+        processors.append(lambda tokens, logits: mx.concatenate(
+            [logits[..., :n], mx.full(logits[..., n:].shape, -mx.inf, logits.dtype)], axis=-1))
+    return processors
+
+
+def _make_cache(model, max_kv_size, left_padding=None):
+    try:
+        return make_cache(model, max_kv_size=max_kv_size, left_padding=left_padding)
+    except ValueError as e:
+        raise Llama2Error(str(e)) from None
+
+
+def _prefill(model, tokens: mx.array, cache: list, step: int) -> mx.array:
+    """Run all but the last column of (B, T) tokens through the model in chunks of
+    ``step``; return the rest. Only the caches are evaluated (no logits)."""
+    while tokens.shape[1] > 1:
+        n = min(step, tokens.shape[1] - 1)
+        model(tokens[:, :n], cache=cache)
+        mx.eval([(c.keys, c.values) for c in cache])
+        tokens = tokens[:, n:]
+        mx.clear_cache()
+    return tokens
+
+
+def generate_step(
+    model,
+    prompt,
+    *,
+    cache: Optional[list] = None,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+    max_kv_size: Optional[int] = None,
+    prefill_step: int = 512,
+    max_tokens: Optional[int] = None,
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """Yield (token, logprobs) for each new token after ``prompt``.
+
+    ``prompt`` is (T,) ids (yields a scalar token and (V,) logprobs) or a
+    (B, T) batch (yields (B,) tokens and (B, V) logprobs). The prompt is
+    prefilled in chunks of ``prefill_step``; each next step is queued with
+    ``mx.async_eval`` before the current token is yielded. ``cache`` (one per
+    layer, updated in place) defaults to a new one, bounded by ``max_kv_size``.
+    Runs until ``max_tokens`` tokens (None: until the caller stops).
+    """
+    prompt = prompt if isinstance(prompt, mx.array) else mx.array(prompt)
+    single = prompt.ndim == 1
+    tokens = prompt[None] if single else prompt
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise Llama2Error("the prompt has no tokens")
+    if cache is None:
+        cache = _make_cache(model, max_kv_size)
+    sampler = sampler or greedy
+    processors = list(logits_processors or [])
+    history, B = tokens, tokens.shape[0]
+
+    def step(inp: mx.array) -> tuple[mx.array, mx.array]:
+        logits = model(inp, cache=cache)[:, -1, :].astype(mx.float32)
+        for process in processors:
+            logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = sampler(logprobs)
+        # Yield exactly the arrays being evaluated: a slice taken later would queue
+        # behind the next step and stall the pipeline.
+        return (y[0], logprobs[0]) if single else (y, logprobs)
+
+    y, logprobs = step(_prefill(model, tokens, cache, prefill_step))
+    mx.async_eval(y, logprobs)
+    n = 0
+    while True:
+        n += 1
+        if max_tokens is None or n < max_tokens:
+            column = y.reshape(B, 1)
+            if processors:
+                history = mx.concatenate([history, column], axis=1)
+            next_y, next_logprobs = step(column)
+            mx.async_eval(next_y, next_logprobs)
+        yield y, logprobs
+        if n == max_tokens:
+            return
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, logprobs = next_y, next_logprobs
+
+
+class StopStrings:
+    """Cuts streamed text at the first of some stop strings.
+
+    ``add`` returns the text that is safe to show: a tail that could still
+    begin a stop string is held back until the next chunk or ``flush``.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.buffer = ""
+        self.hit = False
+
+    def add(self, text: str) -> str:
+        """Append a chunk; return what can be shown now ("" once a stop string was hit)."""
+        if self.hit:
+            return ""
+        if not self.stops:
+            return text
+        buf = self.buffer + text
+        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self.buffer = True, ""
+            return buf[: min(found)]
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:n]):
+                    hold = n
+                    break
+        self.buffer = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        """The held-back tail (at the end of generation)."""
+        text, self.buffer = self.buffer, ""
+        return "" if self.hit else text
+
+
+def stream_generate(
+    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None
+) -> Iterator[Response]:
+    """Generate from ``prompt_ids``, yielding a ``Response`` per sampled token.
+
+    Stops at EOS (not shown), at a stop string of ``config.stop`` (text cut
+    before it) or after ``config.max_tokens`` tokens; the last response has
+    the ``finish_reason`` and the final statistics.
+    """
+    config = config or GenerationConfig()
+    config.check()
+    if not len(prompt_ids):
+        raise Llama2Error("the prompt has no tokens")
+    if config.seed is not None:
+        mx.random.seed(config.seed)
+    cache = _make_cache(model, config.max_kv_size)
+    detok, stops = tokenizer.detokenizer(), StopStrings(config.stop)
+    steps = generate_step(
+        model, mx.array(list(prompt_ids)), cache=cache, sampler=config.make_sampler(),
+        logits_processors=_processors(model, tokenizer, config), prefill_step=config.prefill_step,
+        max_tokens=config.max_tokens,
+    )
+    P = len(prompt_ids)
+    tic = time.perf_counter()
+    prompt_tps, t_first, n = 0.0, tic, 0
+
+    def response(text, token, reason, logprobs):
+        dt = time.perf_counter() - t_first
+        return Response(
+            text, token, reason, P, prompt_tps, n, (n - 1) / dt if n > 1 and dt > 0 else 0.0,
+            mx.get_peak_memory() / 1e9, cache_nbytes(cache), logprobs,
+        )
+
+    def finish() -> str:
+        text = stops.add(detok.flush())
+        return text + stops.flush()
+
+    for y, logprobs in steps:
+        token = y.item()
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+            prompt_tps = P / (t_first - tic)
+        if token == tokenizer.eos_id:
+            reason, text = "stop", finish()
+            break
+        text = stops.add(detok.add(token))
+        if n == config.max_tokens and not stops.hit:
+            text += finish()
+            reason = "stop" if stops.hit else "length"
+            break
+        if stops.hit:
+            reason = "stop"
+            break
+        yield response(text, token, None, logprobs)
+    yield response(text, token, reason, logprobs)
+
+
+def generate(
+    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None
+) -> str:
+    """The whole generated text (see ``stream_generate``)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt_ids, config))
+
+
+def _collect(steps, batch: int, eos_id: int, max_tokens: int) -> list[list[int]]:
+    """Token lists of a batched ``generate_step``, each cut at (excluding) EOS."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for y, _ in steps:
+        for i, t in enumerate(y.tolist()):
+            if done[i]:
+                continue  # finished rows keep decoding harmlessly; their tokens are dropped
+            if t == eos_id:
+                done[i] = True
+            else:
+                out[i].append(t)
+                done[i] = len(out[i]) >= max_tokens
+        if all(done):
+            break
+    return out
+
+
+def batch_generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], config: Optional[GenerationConfig] = None
+) -> list[list[int]]:
+    """Generate for several prompts as one batch; return each one's new token ids.
+
+    Prompts are left-padded to a common length (the padding is masked out);
+    each sequence ends at EOS (excluded) or ``config.max_tokens``. Stop
+    strings are not applied here.
+    """
+    config = config or GenerationConfig()
+    config.check()
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise Llama2Error("a prompt has no tokens")
+    if config.seed is not None:
+        mx.random.seed(config.seed)
+    L = max(len(p) for p in prompts)
+    pads = [L - len(p) for p in prompts]
+    # Padding with the row's first id keeps the repetition-penalty context exact.
+    rows = [[p[0]] * pad + list(p) for p, pad in zip(prompts, pads)]
+    cache = _make_cache(model, config.max_kv_size, pads if any(pads) else None)
+    steps = generate_step(
+        model, mx.array(rows), cache=cache, sampler=config.make_sampler(),
+        logits_processors=_processors(model, tokenizer, config), prefill_step=config.prefill_step,
+        max_tokens=config.max_tokens,
+    )
+    return _collect(steps, len(rows), tokenizer.eos_id, config.max_tokens)
+
+
+def _with_prefix(process: LogitsProcessor, prefix: mx.array) -> LogitsProcessor:
+    return lambda tokens, logits: process(mx.concatenate([prefix, tokens], axis=1), logits)
+
+
+def sample_k(
+    model, prompt_ids: Sequence[int], k: int, config: GenerationConfig, eos_id: int
+) -> list[list[int]]:
+    """Draw ``k`` answers to one prompt; return their token ids (cut at, excluding, EOS).
+
+    The prompt is prefilled once with batch 1; the cache is then repeated k
+    times and the k samples are decoded as one batch.
+    """
+    config.check()
+    if k < 1:
+        raise Llama2Error(f"k must be >= 1, got {k}")
+    if not len(prompt_ids):
+        raise Llama2Error("the prompt has no tokens")
+    if config.seed is not None:
+        mx.random.seed(config.seed)
+    prompt = mx.array(list(prompt_ids))[None]
+    cache = _make_cache(model, config.max_kv_size)
+    last = _prefill(model, prompt, cache, config.prefill_step)
+    if prompt.shape[1] > 1:
+        for c in cache:
+            c.expand(k)
+    prefix = mx.repeat(prompt[:, :-1], k, axis=0)
+    processors = [_with_prefix(p, prefix) for p in config.make_logits_processors()]
+    steps = generate_step(
+        model, mx.repeat(last, k, axis=0), cache=cache, sampler=config.make_sampler(),
+        logits_processors=processors, max_tokens=config.max_tokens,
+    )
+    return _collect(steps, k, eos_id, config.max_tokens)
+
+
+def prompt_ids(
+    tokenizer, prompt: str, system: Optional[str] = None, chat: bool = False
+) -> list[int]:
+    """Prompt token ids: BOS + the raw text, or Meta's chat format when ``chat`` or
+    ``system`` is given (the system prompt folded into the user turn)."""
+    if not chat and system is None:
+        return tokenizer.encode(prompt, bos=True)
+    messages = [{"role": "system", "content": system}] if system else []
+    return tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
+
+
+class ChatSession:
+    """A multi-turn Llama 2 chat: the whole dialog is re-encoded for every turn.
+
+    Generation also stops at the chat-format tags (an answer holding one could
+    not be encoded in the next turn).
+    """
+
+    def __init__(self, model, tokenizer, config: Optional[GenerationConfig] = None,
+                 system: Optional[str] = None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        config = config or GenerationConfig()
+        self.config = dataclasses.replace(config, stop=list(config.stop) + list(SPECIAL_TAGS))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the dialog (the system prompt stays)."""
+        self.messages: list[dict] = (
+            [{"role": "system", "content": self.system}] if self.system else []
+        )
+
+    def send(self, user: str) -> Iterator[Response]:
+        """Stream the answer to ``user``; the turn joins the history once it is finished."""
+        messages = self.messages + [{"role": "user", "content": user}]
+        ids = self.tokenizer.encode_chat(messages)
+        answer = []
+        for r in stream_generate(self.model, self.tokenizer, ids, self.config):
+            answer.append(r.text)
+            yield r
+        self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
+
+
+def chat_loop(session: ChatSession, read: Callable[[], Optional[str]],
+              write: Callable[[str], None], note: Callable[[str], None]) -> None:
+    """Read user turns with ``read`` (None = end of input) and ``write`` the answers.
+
+    ``/reset`` clears the history and ``/quit`` ends; ``note`` gets messages
+    for the user (errors of one turn do not end the chat).
+    """
+    while (line := read()) is not None:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            session.reset()
+            note("(history cleared)")
+            continue
+        try:
+            for r in session.send(line):
+                write(r.text)
+            write("\n")
+        except Llama2Error as e:
+            note(f"error: {e}")
+
+
+def format_stats(r: Response) -> str:
+    """The statistics of a final ``Response`` as lines for stderr."""
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.2f} tok/s\n"
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tok/s\n"
+        f"peak memory: {r.peak_memory:.3f} GB\n"
+        f"KV cache: {r.kv_cache_bytes} bytes ({r.kv_cache_bytes / 2**20:.2f} MiB)"
+    )

@@ -1,0 +1,109 @@
+import json
+import shutil
+import sys
+import types
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+import llama2_mlx.generate as gen
+from cli.app import app
+from llama2_mlx.generate import GenerationConfig, generate, prompt_ids
+from llama2_mlx.tokenizer import Tokenizer
+
+from conftest import make_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spm_path):
+    """A tiny random model saved in the HF layout with its tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    model = make_model()
+    try:
+        from llama2_mlx.loader import save_model
+    except ImportError:
+        (d / "config.json").write_text(json.dumps(model.args.to_hf_config()))
+        mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        shutil.copyfile(spm_path, d / "tokenizer.model")
+    else:
+        save_model(model, d, spm_path)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(spm_path):
+    return Tokenizer(spm_path)
+
+
+def test_generate_streams_text_to_stdout_and_stats_to_stderr(model_dir, tok):
+    r = runner.invoke(app, ["generate", "--model", str(model_dir), "--prompt", "the fox",
+                            "--max-tokens", "6"])
+    assert r.exit_code == 0, r.stderr
+    want = generate(make_model(), tok, prompt_ids(tok, "the fox"), GenerationConfig(max_tokens=6))
+    assert r.stdout == want + "\n"
+    for stat in ("prompt: 3 tokens", "tok/s", "generation: 6 tokens", "peak memory", "KV cache"):
+        assert stat in r.stderr
+
+
+def test_generate_chat_format_and_sampling_options(model_dir, tok):
+    args = ["generate", "-m", str(model_dir), "-p", "hi", "--system", "be brief", "--temp", "0.8",
+            "--top-p", "0.9", "--top-k", "40", "--seed", "5", "--max-tokens", "5",
+            "--dtype", "float32", "--max-kv-size", "64"]
+    a, b = runner.invoke(app, args), runner.invoke(app, args)
+    assert a.exit_code == 0, a.stderr
+    assert a.stdout == b.stdout
+    config = GenerationConfig(max_tokens=5, temp=0.8, top_p=0.9, top_k=40, seed=5, max_kv_size=64)
+    ids = prompt_ids(tok, "hi", system="be brief")
+    assert a.stdout == generate(make_model(), tok, ids, config) + "\n"
+    assert f"prompt: {len(ids)} tokens" in a.stderr
+
+
+def test_generate_bad_option_is_a_one_line_error(model_dir):
+    r = runner.invoke(app, ["generate", "-m", str(model_dir), "-p", "x", "--temp", "1",
+                            "--top-p", "1.5"])
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        "error: top_p must be in (0, 1], got 1.5"]
+
+
+def test_missing_model_falls_back_to_the_demo_model(model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama2_mlx.demo", None)  # not written yet
+    r = runner.invoke(app, ["generate", "-p", "x"])
+    assert r.exit_code == 2 and "pass --model" in r.stderr
+    demo = types.ModuleType("llama2_mlx.demo")
+    demo.default_model_path = lambda: model_dir
+    monkeypatch.setitem(sys.modules, "llama2_mlx.demo", demo)
+    r = runner.invoke(app, ["generate", "-p", "x", "--max-tokens", "2"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_chat_keeps_history_and_handles_reset_and_quit(model_dir, tok, monkeypatch):
+    seen, answers = [], []
+    real = gen.stream_generate
+
+    def recording(model, tokenizer, ids, config):
+        seen.append(list(ids))
+        answers.append("")
+        for resp in real(model, tokenizer, ids, config):
+            answers[-1] += resp.text
+            yield resp
+
+    monkeypatch.setattr(gen, "stream_generate", recording)
+    r = runner.invoke(app, ["chat", "-m", str(model_dir), "--max-tokens", "4"],
+                      input="hello\nthe fox\n/reset\nagain\n/quit\nnever read\n")
+    assert r.exit_code == 0, r.stderr
+    assert len(seen) == 3 and r.stdout == "".join(f"{text}\n" for text in answers)
+    u = lambda text: {"role": "user", "content": text}  # noqa: E731
+    a = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    assert seen[0] == tok.encode_chat([u("hello")])
+    assert seen[1] == tok.encode_chat([u("hello"), a(answers[0]), u("the fox")])
+    assert seen[2] == tok.encode_chat([u("again")])  # after /reset
+    assert "history cleared" in r.stderr
+
+
+def test_chat_ends_at_end_of_input(model_dir):
+    r = runner.invoke(app, ["chat", "-m", str(model_dir), "--max-tokens", "2"], input="hi\n")
+    assert r.exit_code == 0 and r.stdout.count("\n") == 1
