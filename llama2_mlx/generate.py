@@ -78,15 +78,19 @@ class Response:
     logprobs: Optional[mx.array] = None
 
 
-def _processors(model, tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
-    """The config's processors, plus a guard when the embedding has rows beyond the
+def _processors(tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
+    """The config's processors, plus a guard for embeddings with rows beyond the
     tokenizer's pieces (padded vocabularies): those ids could not be decoded."""
     processors = config.make_logits_processors()
-    n = tokenizer.vocab_size
-    if model.args.vocab_size > n:
-        processors.append(lambda tokens, logits: mx.concatenate(
-            [logits[..., :n], mx.full(logits[..., n:].shape, -mx.inf, logits.dtype)], axis=-1))
-    return processors
+    n = getattr(tokenizer, "vocab_size", None)
+
+    def only_pieces(tokens: mx.array, logits: mx.array) -> mx.array:
+        if logits.shape[-1] <= n:
+            return logits
+        pad = mx.full((*logits.shape[:-1], logits.shape[-1] - n), -mx.inf, logits.dtype)
+        return mx.concatenate([logits[..., :n], pad], axis=-1)
+
+    return processors + ([only_pieces] if n is not None else [])
 
 
 def _make_cache(model, max_kv_size, left_padding=None):
@@ -225,7 +229,7 @@ def stream_generate(
     detok, stops = tokenizer.detokenizer(), StopStrings(config.stop)
     steps = generate_step(
         model, mx.array(list(prompt_ids)), cache=cache, sampler=config.make_sampler(),
-        logits_processors=_processors(model, tokenizer, config), prefill_step=config.prefill_step,
+        logits_processors=_processors(tokenizer, config), prefill_step=config.prefill_step,
         max_tokens=config.max_tokens,
     )
     P = len(prompt_ids)
@@ -313,7 +317,7 @@ def batch_generate(
     cache = _make_cache(model, config.max_kv_size, pads if any(pads) else None)
     steps = generate_step(
         model, mx.array(rows), cache=cache, sampler=config.make_sampler(),
-        logits_processors=_processors(model, tokenizer, config), prefill_step=config.prefill_step,
+        logits_processors=_processors(tokenizer, config), prefill_step=config.prefill_step,
         max_tokens=config.max_tokens,
     )
     return _collect(steps, len(rows), tokenizer.eos_id, config.max_tokens)

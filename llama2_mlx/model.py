@@ -190,6 +190,16 @@ def causal_mask(T: int, offset: int = 0, dtype=mx.bool_) -> mx.array:
     return k <= q
 
 
+def _checkpointed(layer: nn.Module, h: mx.array, mask) -> mx.array:
+    # mx.checkpoint only differentiates its explicit inputs: pass the block's trainable
+    # parameters in (captured ones would get zero gradients).
+    def run(params, h):
+        layer.update(params)
+        return layer(h, mask)
+
+    return mx.checkpoint(run)(layer.trainable_parameters(), h)
+
+
 class LlamaModel(nn.Module):
     """Embedding, the blocks and the final norm: tokens (B, T) -> hidden states (B, T, dim)."""
 
@@ -213,7 +223,7 @@ class LlamaModel(nn.Module):
             cache = [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
             if self.checkpoint_blocks and c is None:
-                h = mx.checkpoint(layer)(h, mask)
+                h = _checkpointed(layer, h, mask)
             else:
                 h = layer(h, mask, c)
         return self.norm(h)

@@ -1,0 +1,44 @@
+"""``llama2 fuse``: merge LoRA adapters into the base model and export it."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import cli_errors, eprint
+
+
+class Format(str, Enum):
+    mlx = "mlx"
+    hf = "hf"
+    gguf = "gguf"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@cli_errors
+def fuse(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model folder or Hugging Face repo id.")],
+    out: Annotated[str, typer.Option(help="Output folder.")],
+    adapter_path: Annotated[str, typer.Option(help="Adapter folder (ours or mlx-lm's).")] = "adapters",
+    format: Annotated[Format, typer.Option(help="mlx (this project, keeps quantization), hf (transformers / mlx-lm) or gguf (llama.cpp).")] = Format.mlx,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Write a quantized base unquantized.")] = False,
+    requantize: Annotated[bool, typer.Option("--requantize", help="Re-quantize fused layers of a quantized base at its bits (smaller, but most of a small update is lost).")] = False,
+    dtype: Annotated[Optional[DType], typer.Option(help="Cast the float weights (gguf: float16 unless float32).")] = None,
+) -> None:
+    """Merge W + scale * (lora_a @ lora_b)^T into the base weights and write the model."""
+    from llama2_mlx.fuse import fuse as run
+
+    path = run(model, adapter_path, out, fmt=format.value, dequantize=dequantize,
+               requantize=requantize, dtype=dtype.value if dtype else None)
+    eprint(f"fused model written to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fuse")(fuse)

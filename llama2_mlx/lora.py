@@ -1,0 +1,286 @@
+"""LoRA adapters (Hu et al. 2021) on the model's linear layers, QLoRA included.
+
+``y = W x + scale * (dropout(x) @ lora_a) @ lora_b`` with ``lora_a`` (in, r)
+and ``lora_b`` (r, out), zero at the start so the adapted model starts out
+equal to the base. Adapter folders are interchangeable with mlx-lm's:
+``adapter_config.json`` (``fine_tune_type``, ``num_layers``,
+``lora_parameters``) and ``adapters.safetensors`` keyed
+``model.layers.{i}.self_attn.q_proj.lora_a`` ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from llama2_mlx.checkpoint import save_safetensors_atomic, write_json_atomic
+from llama2_mlx.errors import Llama2Error
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+
+# Every attention and MLP projection of a block (mlx-lm's default for Llama).
+DEFAULT_KEYS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+@dataclass
+class LoRAConfig:
+    """Rank, scale, dropout, the adapted projections (relative to a block) and how many
+    final blocks to adapt (-1: all)."""
+
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.0
+    keys: tuple[str, ...] = DEFAULT_KEYS
+    num_layers: int = -1
+
+    def __post_init__(self):
+        self.keys = tuple(self.keys)
+        if self.rank < 1:
+            raise Llama2Error(f"--rank must be at least 1 (got {self.rank})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise Llama2Error(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not self.keys:
+            raise Llama2Error("--keys: no projection to adapt")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` or ``nn.QuantizedLinear`` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 20.0, dropout: float = 0.0):
+        super().__init__()
+        out_dims, in_dims = base.weight.shape
+        if isinstance(base, nn.QuantizedLinear):
+            in_dims = in_dims * 32 // base.bits  # packed uint32 columns
+        self.linear = base
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_b = mx.zeros((rank, out_dims))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return y + (self.scale * z).astype(x.dtype)
+
+    def delta(self) -> mx.array:
+        """The update to the (out, in) weight: scale * (lora_a @ lora_b)^T, in float32."""
+        a, b = self.lora_a.astype(mx.float32), self.lora_b.astype(mx.float32)
+        return self.scale * (a @ b).T
+
+    def base_weight(self) -> mx.array:
+        """The base layer's (out, in) weight (dequantized if quantized)."""
+        lin = self.linear
+        if isinstance(lin, nn.QuantizedLinear):
+            return _dequantize(lin)
+        return lin.weight
+
+
+def _dequantize(m: nn.Module) -> mx.array:
+    return mx.dequantize(
+        m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+        mode=getattr(m, "mode", "affine"),
+    )
+
+
+def _layer_range(model: nn.Module, num_layers: int) -> range:
+    n = len(model.layers)
+    if num_layers > n:
+        raise Llama2Error(f"--num-layers {num_layers}: the model has only {n} layers")
+    # mlx-lm: layers[-max(num_layers, 0):], so -1 and 0 both mean all layers.
+    k = n if num_layers <= 0 else num_layers
+    return range(n - k, n)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Freeze ``model`` and wrap ``config.keys`` of its final ``config.num_layers`` blocks
+    in place with ``LoRALinear`` (only ``lora_a``/``lora_b`` stay trainable)."""
+    model.freeze()
+    for i in _layer_range(model, config.num_layers):
+        block = model.layers[i]
+        modules = dict(block.named_modules())
+        wrapped = []
+        for key in config.keys:
+            base = modules.get(key)
+            if base is None:
+                raise Llama2Error(f"--keys: no module '{key}' in model layer {i}")
+            if isinstance(base, LoRALinear):
+                raise Llama2Error(f"--keys: '{key}' of layer {i} already has an adapter")
+            if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+                raise Llama2Error(f"--keys: '{key}' of layer {i} is not a linear layer")
+            wrapped.append((key, LoRALinear(base, config.rank, config.scale, config.dropout)))
+        block.update_modules(tree_unflatten(wrapped))
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) for every LoRA layer in ``model``."""
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The LoRA matrices under mlx-lm's key names."""
+    return {
+        k: v for k, v in tree_flatten(model.parameters())
+        if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
+
+
+def adapter_config_dict(config: LoRAConfig, n_layers: int, **extra) -> dict:
+    """The ``adapter_config.json`` mlx-lm reads (its keys first, our extra fields after)."""
+    num_layers = n_layers if config.num_layers <= 0 else config.num_layers
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {
+            "rank": config.rank, "scale": config.scale, "dropout": config.dropout,
+            "keys": list(config.keys),
+        },
+        **extra,
+    }
+
+
+def save_adapters(model: nn.Module, adapter_path, config: LoRAConfig, **extra) -> Path:
+    """Write ``adapter_config.json`` and ``adapters.safetensors`` into ``adapter_path``
+    (atomically). ``extra`` fields are stored in the config (mlx-lm ignores them)."""
+    out = Path(adapter_path)
+    weights = adapter_weights(model)
+    if not weights:
+        raise Llama2Error("save_adapters: the model has no LoRA layers")
+    write_json_atomic(out / ADAPTER_CONFIG, adapter_config_dict(config, len(model.layers), **extra))
+    save_safetensors_atomic(out / ADAPTER_WEIGHTS, weights)
+    return out
+
+
+def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
+    """(fine_tune_type, LoRAConfig) from an adapter folder written by us or mlx-lm."""
+    path = Path(adapter_path) / ADAPTER_CONFIG
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise Llama2Error(f"--adapter-path: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise Llama2Error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind not in ("lora", "full"):
+        raise Llama2Error(f"{path}: fine_tune_type '{kind}' is not supported (lora or full)")
+    params = cfg.get("lora_parameters") or {}
+    try:
+        config = LoRAConfig(
+            rank=int(params.get("rank", 8)),
+            scale=float(params["scale"]) if kind == "lora" else 1.0,
+            dropout=float(params.get("dropout", 0.0)),
+            keys=tuple(params.get("keys") or DEFAULT_KEYS),
+            num_layers=int(cfg.get("num_layers", -1)),
+        )
+    except KeyError as e:
+        raise Llama2Error(f"{path}: lora_parameters has no {e}") from None
+    except (TypeError, ValueError) as e:
+        raise Llama2Error(f"{path}: bad lora_parameters ({e})") from None
+    return kind, config
+
+
+def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
+    """Apply the adapters in folder ``adapter_path`` (ours or mlx-lm's) to ``model`` in place."""
+    kind, config = read_adapter_config(adapter_path)
+    wfile = Path(adapter_path) / ADAPTER_WEIGHTS
+    if not wfile.exists():
+        raise Llama2Error(f"--adapter-path: {wfile} not found")
+    weights = mx.load(str(wfile))
+    if kind == "lora":
+        # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
+        config.num_layers = min(config.num_layers, len(model.layers))
+        apply_lora(model, config)
+    params = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in params:
+            raise Llama2Error(f"{wfile}: tensor {name} is not a parameter of this model")
+        if kind == "lora" and name.rsplit(".", 1)[-1] not in ("lora_a", "lora_b"):
+            raise Llama2Error(f"{wfile}: tensor {name} is not a LoRA matrix")
+        if tuple(w.shape) != tuple(params[name].shape):
+            raise Llama2Error(
+                f"{wfile}: tensor {name} has shape {tuple(w.shape)}, "
+                f"the model expects {tuple(params[name].shape)}"
+            )
+    if kind == "lora":
+        missing = sorted(set(adapter_weights(model)) - set(weights))
+        if missing:
+            raise Llama2Error(f"{wfile}: missing tensor {missing[0]} ({len(missing)} missing)")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def fuse_lora(model: nn.Module, dequantize: bool = False, requantize: bool = False) -> nn.Module:
+    """Replace every LoRA layer of ``model`` with a plain linear holding ``W + delta``.
+
+    Re-quantizing a fused layer at the base's bits loses most of a small update
+    (it is below the quantization step), so by default the fused layers of a
+    quantized base are kept unquantized (in the scales' dtype) while the other
+    layers stay quantized. ``requantize`` re-quantizes them anyway (smaller, as
+    mlx-lm does); ``dequantize`` dequantizes the whole model.
+    """
+    fused = []
+    for name, layer in lora_layers(model):
+        base = layer.linear
+        quantized = isinstance(base, nn.QuantizedLinear)
+        dtype = base.scales.dtype if quantized else base.weight.dtype
+        w = (layer.base_weight().astype(mx.float32) + layer.delta()).astype(dtype)
+        if quantized and requantize and not dequantize:
+            new = nn.QuantizedLinear(w.shape[1], w.shape[0], bias=False,
+                                     group_size=base.group_size, bits=base.bits)
+            new.weight, new.scales, new.biases = mx.quantize(
+                w, group_size=base.group_size, bits=base.bits)
+        else:
+            new = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            new.weight = w
+        if "bias" in base:
+            new.bias = base.bias
+        fused.append((name, new))
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        dequantize_model(model)
+    model.unfreeze()
+    mx.eval(model.parameters())
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear / embedding of ``model`` with its float version."""
+    plain = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            w = _dequantize(m)
+            new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            new.weight = w.astype(m.scales.dtype)
+            if "bias" in m:
+                new.bias = m.bias
+            plain.append((name, new))
+        elif isinstance(m, nn.QuantizedEmbedding):
+            w = _dequantize(m)
+            new = nn.Embedding(*w.shape)
+            new.weight = w.astype(m.scales.dtype)
+            plain.append((name, new))
+    if plain:
+        model.update_modules(tree_unflatten(plain))
+    return model
+
+
+def trainable_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (a quantized matrix counts its packed size)."""
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return trainable, total

@@ -1,0 +1,221 @@
+"""The schedule, the generic loop (accumulation, resume, NaN guard), options, the CLI and
+a small proof that answer-only LoRA training learns the answers and not the prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from conftest import CORPUS_WORDS, make_model
+from llama2_mlx.checkpoint import list_checkpoints
+from llama2_mlx.data import Sample, SFTBatches, load_samples
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.lora import LoRAConfig, apply_lora, load_adapters
+from llama2_mlx.schedule import lr_schedule
+from llama2_mlx.sft import SFTOptions, lora_train, sft_loss
+from llama2_mlx.tokenizer import Tokenizer
+from llama2_mlx.trainer import StopTraining, TrainConfig, evaluate, train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tok(spm_path):
+    return Tokenizer(spm_path)
+
+
+def random_samples(n, seed=0):
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        L = rng.randint(6, 18)
+        p = rng.randint(2, L - 2)
+        out.append(Sample([1] + rng.randint(3, 500, L - 1).tolist(), [False] * p + [True] * (L - p), f"s{i}"))
+    return out
+
+
+def lora_model(dropout=0.0):
+    model = make_model()
+    mx.random.seed(0)
+    return apply_lora(model, LoRAConfig(rank=4, dropout=dropout))
+
+
+def test_schedule_warmup_cosine_to_a_floor():
+    lr = lr_schedule(1e-3, total_steps=12, warmup=2, min_lr_ratio=0.1)
+    vals = [lr(s).item() for s in range(12)]
+    np.testing.assert_allclose(vals[:3], [5e-4, 1e-3, 1e-3], rtol=1e-6)
+    assert all(a >= b for a, b in zip(vals[2:], vals[3:]))
+    np.testing.assert_allclose(vals[-1], 1e-4, rtol=1e-5)
+    np.testing.assert_allclose(lr(6.5).item(), 1e-4 + 0.5 * 9e-4, rtol=1e-5)  # cosine midpoint
+    with pytest.raises(Llama2Error, match="--min-lr-ratio"):
+        lr_schedule(1e-3, 10, min_lr_ratio=2)
+
+
+def test_grad_accumulation_and_checkpointing_equal_one_large_batch():
+    samples = random_samples(4)
+    metrics = []
+    for bs, ga, ckpt in ((4, 1, False), (2, 2, False), (1, 4, False), (2, 2, True)):
+        model = lora_model()
+        b = SFTBatches(samples, bs, 32, pack=False, seed=0)
+        cfg = TrainConfig(lr=1e-3, iters=2, grad_accum=ga, clip=0, val_every=0, save_every=0,
+                          progress=False, grad_checkpoint=ckpt)
+        out = []
+        train(model, sft_loss, b, cfg, on_step=lambda s, m: out.append(m))
+        metrics.append([v for m in out for v in (m["loss"], m["grad_norm"])])
+    for m in metrics[1:]:
+        np.testing.assert_allclose(m, metrics[0], rtol=1e-5)
+    with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
+        train(lora_model(dropout=0.1), sft_loss, b, TrainConfig(iters=1, grad_checkpoint=True, progress=False))
+
+
+def run(tmp_path, stop_at=None, resume=False, iters=6):
+    model = lora_model(dropout=0.2)
+    b = SFTBatches(random_samples(24), 2, 40, pack=True, seed=0)
+    cfg = TrainConfig(lr=3e-3, warmup=1, iters=iters, save_every=2, val_every=0, progress=False,
+                      checkpoint_dir=tmp_path / "ckpt", resume=resume, seed=5)
+
+    def on_step(step, m):
+        if step == stop_at:
+            raise StopTraining
+
+    result = train(model, sft_loss, b, cfg, on_step=on_step)
+    return result, dict(tree_flatten(model.trainable_parameters()))
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    full, full_params = run(tmp_path / "a")
+    part, _ = run(tmp_path / "b", stop_at=3)
+    assert part.stopped and part.steps == 3
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "ckpt")] == ["step_0000002"]
+    resumed, params = run(tmp_path / "b", resume=True)
+    assert resumed.resumed_from == 2
+    np.testing.assert_allclose([l for _, l in resumed.train_losses],
+                               [l for _, l in full.train_losses], rtol=1e-5)
+    assert [s for s, _ in resumed.train_losses] == list(range(1, 7))
+    for k in full_params:
+        np.testing.assert_allclose(np.array(params[k]), np.array(full_params[k]), atol=1e-6)
+    # Atomic writes leave no temporary files behind.
+    assert not [p for p in (tmp_path / "b" / "ckpt").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run(tmp_path, iters=2)
+    with pytest.raises(Llama2Error, match=r"--resume: .*step_0000002 was made with total_steps=2, this run has total_steps=6"):
+        run(tmp_path, resume=True, iters=6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = []
+
+    def flaky(model, batch):
+        s, n = sft_loss(model, batch)
+        calls.append(1)
+        return (s * math.nan if len(calls) >= 4 else s), n
+
+    model = lora_model()
+    b = SFTBatches(random_samples(16), 2, 40, pack=True, seed=0)
+    cfg = TrainConfig(lr=1e-3, iters=6, save_every=2, val_every=0, progress=False,
+                      checkpoint_dir=tmp_path)
+    saved = []
+    with pytest.raises(Llama2Error, match=r"training diverged at step 4: loss nan; .*last good checkpoint: .*step_0000002"):
+        train(model, flaky, b, cfg, on_save=lambda m, s: saved.append(s))
+    assert saved == [2]
+    ckpt = mx.load(str(list_checkpoints(tmp_path)[-1] / "params.safetensors"))
+    assert all(np.isfinite(np.array(v)).all() for v in ckpt.values())
+    assert all(np.isfinite(np.array(v)).all() for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def test_options_preset_config_file_and_command_line(tmp_path):
+    o = SFTOptions.resolve(preset="llama2-sft")
+    assert (o.lr, o.weight_decay, o.max_seq_length, o.epochs, o.batch_size * o.grad_accum) == (2e-5, 0.1, 4096, 2, 64)
+    o = SFTOptions.resolve({"batch_size": 4}, preset="llama2-sft")
+    assert (o.batch_size, o.grad_accum) == (4, 16)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: llama2-sft\nrank: 16\nmax-seq-length: 512\niters: 10\nkeys: q_proj,v_proj\n")
+    o = SFTOptions.resolve({"rank": 4, "pack": False}, config_file=cfg)
+    assert (o.rank, o.max_seq_length, o.iters, o.epochs, o.pack, o.lr) == (4, 512, 10, None, False, 2e-5)
+    assert o.keys == ["q_proj", "v_proj"]
+    o = SFTOptions.resolve({"epochs": 1}, config_file=cfg)
+    assert (o.iters, o.epochs) == (None, 1.0)
+    (tmp_path / "bad.json").write_text('{"rnak": 4}')
+    with pytest.raises(Llama2Error, match=r"bad.json: unknown option 'rnak'"):
+        SFTOptions.resolve(config_file=tmp_path / "bad.json")
+    with pytest.raises(Llama2Error, match=r"command line: option rank = 'x' is not a int"):
+        SFTOptions.resolve({"rank": "x"})
+
+
+KEYS = {"france": "paris", "italy": "rome", "hello": "world", "quick": "brown fox"}
+
+
+def task_file(path, n, seed):
+    """Prompt: a key word and three noise words; answer: the key's fixed word(s)."""
+    rng = random.Random(seed)
+    noise = [w for w in CORPUS_WORDS if w not in KEYS and w not in KEYS.values()]
+    with open(path, "w") as f:
+        for _ in range(n):
+            k = rng.choice(list(KEYS))
+            f.write(json.dumps({"prompt": " ".join([k] + rng.sample(noise, 3)), "completion": KEYS[k]}) + "\n")
+
+
+def test_answer_only_lora_learns_the_answers_not_the_prompts(tmp_path, tok):
+    task_file(tmp_path / "train.jsonl", 48, seed=0)
+    task_file(tmp_path / "valid.jsonl", 16, seed=1)
+    valid = load_samples(tmp_path / "valid.jsonl", tok)
+    prompts = [Sample(s.tokens, [not t for t in s.targets], s.where) for s in valid]  # prompt tokens as targets
+    held_out = SFTBatches(valid, 16, 256, shuffle=False)
+    prompt_batches = SFTBatches(prompts, 16, 256, shuffle=False)
+    model = make_model()
+    a0, p0 = evaluate(model, sft_loss, held_out(0))[0], evaluate(model, sft_loss, prompt_batches(0))[0]
+    opts = SFTOptions.resolve({"data": str(tmp_path), "adapter_path": str(tmp_path / "ad"), "iters": 30,
+                               "batch_size": 4, "lr": 1e-3, "warmup": 2, "max_seq_length": 64,
+                               "val_every": 0, "save_every": 0, "progress": False})
+    lora_train(opts, model, tok, log=lambda s: None)
+    a1, p1 = evaluate(model, sft_loss, held_out(0))[0], evaluate(model, sft_loss, prompt_batches(0))[0]
+    print(f"held-out answer loss {a0:.3f} -> {a1:.3f}; prompt-token loss {p0:.3f} -> {p1:.3f}")
+    assert a1 < 0.5 * a0
+    assert p1 > p0 - 0.1 * (a0 - a1)  # the prompts are not trained
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spm_path):
+    from llama2_mlx.loader import save_model
+
+    return save_model(make_model(), tmp_path_factory.mktemp("base"), spm_path)
+
+
+def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
+    from cli.app import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    task_file(data / "train.jsonl", 12, 0)
+    task_file(data / "valid.jsonl", 4, 1)
+    (tmp_path / "c.yaml").write_text("rank: 4\nlr: 0.001\nbatch-size: 2\n")
+    ad = tmp_path / "ad"
+    common = ["lora-train", "--model", str(model_dir), "--data", str(data), "--adapter-path", str(ad),
+              "--max-seq-length", "64", "--save-every", "2", "--val-every", "2", "--config", str(tmp_path / "c.yaml")]
+    r = runner.invoke(app, common + ["--iters", "4", "--no-pack", "--keys", "attn"])
+    assert r.exit_code == 0, r.output
+    assert "val loss" in r.output and "non-padding tokens (padded)" in r.output
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["rank"] == 4 and cfg["num_layers"] == 2
+    assert cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    from llama2_mlx.loader import load
+
+    tuned, _ = load(model_dir, adapter_path=ad)
+    x = mx.array([tok.encode("hello world")])
+    assert not np.allclose(np.array(tuned(x)), np.array(make_model()(x)), atol=1e-4)
+
+    r = runner.invoke(app, common + ["--iters", "5", "--no-pack", "--keys", "attn", "--resume"])
+    assert r.exit_code == 2 and "total_steps=4, this run has total_steps=5" in r.output
+    (data / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    r = runner.invoke(app, common + ["--iters", "1"])
+    assert r.exit_code == 2
+    assert "train.jsonl line 2: invalid JSON" in r.output and len(r.output.strip().splitlines()) == 1
