@@ -1,0 +1,457 @@
+"""Rejection sampling (Touvron et al. 2023, §3.2.3) and its loop.
+
+For every prompt, K answers are drawn from the policy (the prompt prefilled
+once, its KV cache shared by the K samples, which decode as one batch), each
+is scored by the reward model on the chat encoding of prompt + answer, and the
+best one becomes the prompt's new gold answer, written as JSONL that
+``lora-train`` reads directly (``{"messages": [..., {"role": "assistant", ...}]}``).
+
+``rs_loop`` repeats sample -> score -> fine-tune; each iteration fine-tunes the
+starting policy on the winners of *all* iterations so far (the paper found
+that training on the last iteration's winners alone regressed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import mlx.core as mx
+
+from .errors import Llama2Error
+
+if TYPE_CHECKING:
+    from .sft import SFTOptions
+from .generate import GenerationConfig, batch_generate, sample_k
+from .tokenizer import SPECIAL_TAGS
+from .reward import (RewardModel, encode_response, prompt_messages, score_sequences,
+                     score_shared_prefix, write_jsonl_atomic)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_prompts(path) -> list[list[dict]]:
+    """Prompts of a JSONL file as chat messages ending with a user turn: records with a
+    ``"prompt"`` (string or messages, optional ``"system"``) or ``"messages"`` (a trailing
+    assistant turn, as in ``lora-train`` data, is dropped), or bare JSON strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise Llama2Error(f"{path}: prompts file not found")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    for n, line in lines:
+        where = f"{path} line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Llama2Error(f"{where}: invalid JSON ({e.msg})") from None
+        if isinstance(rec, str):
+            rec = {"prompt": rec}
+        if not isinstance(rec, dict):
+            raise Llama2Error(f"{where}: expected a JSON object or string")
+        msgs = rec.get("messages")
+        if "prompt" not in rec and isinstance(msgs, list) and msgs \
+                and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            rec = {"messages": msgs[:-1]}
+        prompts.append(prompt_messages(rec, where))
+    if not prompts:
+        raise Llama2Error(f"{path}: no prompts")
+    return prompts
+
+
+@dataclass
+class RSConfig:
+    """K samples per prompt drawn with ``generation`` (temperature, top-p, max tokens...;
+    its seed seeds the whole run); ``score_batch_size`` sequences per reward batch."""
+
+    k: int = 4
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(max_tokens=256, temp=1.0, top_p=1.0))
+    score_batch_size: int = 16
+
+    def check(self) -> None:
+        if self.k < 1:
+            raise Llama2Error(f"-k must be at least 1 (got {self.k})")
+        if self.score_batch_size < 1:
+            raise Llama2Error(f"--score-batch-size must be at least 1 (got {self.score_batch_size})")
+        self.generation.check()
+
+
+@dataclass
+class PromptSamples:
+    """The K answers to one prompt, their rewards, whether each ended with EOS (rather
+    than at max_tokens), and the index of the best one."""
+
+    prompt: list[dict]
+    texts: list[str]
+    rewards: list[float]
+    finished: list[bool]
+    best: int
+
+    @property
+    def best_reward(self) -> float:
+        return self.rewards[self.best]
+
+    @property
+    def median_reward(self) -> float:
+        return float(statistics.median(self.rewards))
+
+    def winner_record(self) -> dict:
+        """The best answer as a ``lora-train`` record (plus its reward)."""
+        answer = {"role": "assistant", "content": self.texts[self.best]}
+        return {"messages": self.prompt + [answer], "reward": self.best_reward}
+
+    def all_record(self) -> dict:
+        """The prompt, all K answers with their rewards, and the index of the best."""
+        return {
+            "messages": self.prompt, "best": self.best,
+            "samples": [{"text": t, "reward": r, "finished": f}
+                        for t, r, f in zip(self.texts, self.rewards, self.finished)],
+        }
+
+
+@dataclass
+class RSReport:
+    """Every prompt's samples; the paper's max-vs-median figures and timings."""
+
+    results: list[PromptSamples]
+    seconds: float = 0.0
+    sample_seconds: float = 0.0
+    score_seconds: float = 0.0
+    generated_tokens: int = 0
+
+    @property
+    def mean_best(self) -> float:
+        return float(sum(r.best_reward for r in self.results) / len(self.results))
+
+    @property
+    def mean_median(self) -> float:
+        return float(sum(r.median_reward for r in self.results) / len(self.results))
+
+    @property
+    def unfinished(self) -> int:
+        return sum(not f for r in self.results for f in r.finished)
+
+    def summary(self) -> str:
+        """One line: prompts, K, mean best and median reward, their gap, time."""
+        k = len(self.results[0].texts) if self.results else 0
+        return (f"{len(self.results)} prompts x {k} samples: mean best reward {self.mean_best:.4f}, "
+                f"mean median reward {self.mean_median:.4f} (gap {self.mean_best - self.mean_median:.4f}); "
+                f"{self.unfinished} samples hit max-tokens; {self.generated_tokens} tokens in "
+                f"{self.seconds:.1f}s (sampling {self.sample_seconds:.1f}s, scoring {self.score_seconds:.1f}s)")
+
+
+def _cut_at_tags(text: str) -> tuple[str, bool]:
+    # As in chat: an answer ends at a chat-format tag (it could not be encoded otherwise).
+    at = min((i for i in (text.find(t) for t in SPECIAL_TAGS) if i >= 0), default=-1)
+    return (text[:at].strip(), True) if at >= 0 else (text.strip(), False)
+
+
+def _pick_best(rewards: Sequence[float], finished: Sequence[bool]) -> int:
+    # An answer cut off at max-tokens is a winner only if no answer finished.
+    pool = [i for i, f in enumerate(finished) if f] or list(range(len(rewards)))
+    return max(pool, key=lambda i: rewards[i])
+
+
+class _Bar:
+    def __init__(self, total: int, description: str, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                console=Console(file=sys.stderr))
+            self.progress.__enter__()
+            self.task = self.progress.add_task(description, total=total, info="")
+
+    def update(self, done: int, info: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+            self.progress = None
+
+
+def rejection_sample(
+    policy, tokenizer, rm: RewardModel, rm_tokenizer, prompts: Sequence[Sequence[dict]],
+    config: Optional[RSConfig] = None, *, progress: bool = True,
+) -> RSReport:
+    """Sample ``config.k`` answers per prompt with ``sample_k`` (one prefill, K-row batched
+    decoding), score each answer with ``rm`` (on ``rm_tokenizer``'s chat encoding of prompt
+    + answer, EOS included; the shared prompt is run once there too, see
+    ``score_shared_prefix``) and pick the best (among the answers that ended with EOS,
+    when any did)."""
+    config = config or RSConfig()
+    config.check()
+    if not prompts:
+        raise Llama2Error("no prompts to sample")
+    gen = dataclasses.replace(config.generation, seed=None)
+    if config.generation.seed is not None:
+        mx.random.seed(config.generation.seed)
+    was_training = policy.training
+    policy.eval()
+    report = RSReport([])
+    tic = time.perf_counter()
+    bar = _Bar(len(prompts), "rejection-sample", progress)
+    try:
+        for n, prompt in enumerate(prompts, 1):
+            prompt = list(prompt)
+            t0 = time.perf_counter()
+            outs = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen, tokenizer.eos_id)
+            t1 = time.perf_counter()
+            texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
+            finished = [len(o) < gen.max_tokens or c for o, c in zip(outs, cut)]
+            seqs = [encode_response(rm_tokenizer, prompt, t, rm.args.max_seq_len) for t in texts]
+            rewards = []
+            for i in range(0, len(seqs), config.score_batch_size):
+                rewards += score_shared_prefix(rm, seqs[i : i + config.score_batch_size])
+            report.sample_seconds += t1 - t0
+            report.score_seconds += time.perf_counter() - t1
+            report.generated_tokens += sum(len(o) for o in outs)
+            report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
+                                                _pick_best(rewards, finished)))
+            bar.update(n, f"best {report.mean_best:.3f}  median {report.mean_median:.3f}")
+    finally:
+        bar.close()
+        policy.train(was_training)
+    report.seconds = time.perf_counter() - tic
+    return report
+
+
+def write_report(report: RSReport, out, all_out=None) -> None:
+    """Write the winners (``lora-train`` JSONL) to ``out`` and, with ``all_out``, every
+    sample with its reward; both atomically."""
+    write_jsonl_atomic(out, (r.winner_record() for r in report.results))
+    if all_out is not None:
+        write_jsonl_atomic(all_out, (r.all_record() for r in report.results))
+
+
+def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
+                   prompts: Sequence[Sequence[dict]], *, max_tokens: int = 256,
+                   batch_size: int = 16) -> list[float]:
+    """The reward of the policy's greedy answer to each prompt (prompts decoded in batches)."""
+    was_training = policy.training
+    policy.eval()
+    config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
+    texts = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[i : i + batch_size]]
+            outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk], config)
+            texts += [_cut_at_tags(tokenizer.decode(o))[0] for o in outs]
+    finally:
+        policy.train(was_training)
+    seqs = [encode_response(rm_tokenizer, list(p), t, rm.args.max_seq_len)
+            for p, t in zip(prompts, texts)]
+    return score_sequences(rm, seqs, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
+             lora_config=None, log: Callable[[str], None] = _stderr):
+    """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with the shared
+    trainer and answer-only loss (``opts``: an ``sft.SFTOptions``); adapters the policy
+    already has (``lora_config`` describes them) are trained further, else new ones are
+    added. The adapters are written to ``adapter_path``. Returns the trainer's result."""
+    from .data import SFTBatches, fit_length, load_samples
+    from .lora import LoRAConfig, apply_lora, lora_layers, save_adapters
+    from .sft import resolve_keys, sft_loss
+    from .trainer import TrainConfig, train
+
+    samples, report = fit_length(load_samples(train_file, tokenizer), opts.max_seq_length,
+                                 opts.long_samples)
+    if (msg := report.message(str(train_file), opts.max_seq_length + 1)) is not None:
+        log(msg)
+    if not samples:
+        raise Llama2Error(f"{train_file}: no sample left after --long-samples {opts.long_samples}")
+    batches = SFTBatches(samples, opts.batch_size, opts.max_seq_length, opts.pack, opts.seed)
+    mx.random.seed(opts.seed)
+    if lora_layers(policy):
+        if lora_config is None:
+            raise ValueError("the policy has LoRA layers: pass their LoRAConfig")
+        policy.freeze()
+        for _, layer in lora_layers(policy):
+            layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    else:
+        lora_config = LoRAConfig(opts.rank, opts.scale, opts.dropout, resolve_keys(opts.keys),
+                                 opts.num_layers)
+        apply_lora(policy, lora_config)
+    adapter_path = Path(adapter_path)
+    config = TrainConfig(
+        lr=opts.lr, warmup=opts.warmup, min_lr_ratio=opts.min_lr_ratio,
+        weight_decay=opts.weight_decay, clip=opts.clip, grad_accum=opts.grad_accum,
+        epochs=opts.epochs, iters=opts.iters, val_every=0, save_every=opts.save_every,
+        checkpoint_dir=adapter_path / "checkpoints", grad_checkpoint=opts.grad_checkpoint,
+        seed=opts.seed, progress=opts.progress, description="rs fine-tune",
+    )
+    return train(policy, sft_loss, batches, config,
+                 on_save=lambda m, step: save_adapters(m, adapter_path, lora_config, step=step),
+                 log=log)
+
+
+@dataclass
+class RSLoopConfig:
+    """``iterations`` of rejection sampling (``rs``) then fine-tuning (``sft``: an
+    ``sft.SFTOptions``; its data and adapter path are set per iteration). The mean greedy
+    reward is measured on ``eval_prompts`` (default: the sampling prompts) with answers of
+    up to ``greedy_max_tokens`` (default: the sampling max-tokens)."""
+
+    iterations: int = 1
+    rs: RSConfig = field(default_factory=RSConfig)
+    sft: Optional["SFTOptions"] = None
+    greedy_max_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        from .sft import SFTOptions
+
+        if self.sft is None:
+            self.sft = SFTOptions(lr=1e-4, epochs=1, progress=True)
+        if self.iterations < 1:
+            raise Llama2Error(f"--iterations must be at least 1 (got {self.iterations})")
+
+
+@dataclass
+class IterationSummary:
+    """One line of ``summary.jsonl``: the winners' mean best and median reward (sampled
+    from the previous iteration's policy) and the new policy's mean greedy reward."""
+
+    iteration: int
+    mean_greedy_reward: float
+    mean_best_reward: Optional[float] = None
+    mean_median_reward: Optional[float] = None
+    pool_size: int = 0
+    adapter_path: Optional[str] = None
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        if self.iteration == 0:
+            return f"iteration 0 (start): mean greedy reward {self.mean_greedy_reward:.4f}"
+        return (f"iteration {self.iteration}: mean best reward {self.mean_best_reward:.4f}, "
+                f"median {self.mean_median_reward:.4f}, mean greedy reward "
+                f"{self.mean_greedy_reward:.4f} (pool {self.pool_size}, {self.seconds:.1f}s)")
+
+
+def rs_loop(
+    load_policy: Callable[[], tuple], rm: RewardModel, rm_tokenizer,
+    prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
+    eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
+    log: Callable[[str], None] = _stderr,
+) -> list[IterationSummary]:
+    """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
+
+    ``load_policy()`` returns a fresh ``(model, tokenizer)`` of the starting policy
+    (``lora_config`` describes its adapters, if it has some). Iteration i samples with
+    the policy of iteration i-1, adds its winners to the pool, fine-tunes a fresh
+    starting policy on the whole pool and measures its mean greedy reward. Under
+    ``out_dir/iter_NN/`` it writes ``samples.jsonl`` (all K), ``winners.jsonl``,
+    ``train.jsonl`` (the pool) and ``adapters/``; ``summary.jsonl`` gets one line per
+    iteration, iteration 0 being the starting policy.
+    """
+    config = config or RSLoopConfig()
+    config.rs.check()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_prompts = list(eval_prompts) if eval_prompts is not None else list(prompts)
+    greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
+    policy, tokenizer = load_policy()
+    summaries: list[IterationSummary] = []
+
+    def record(s: IterationSummary) -> None:
+        summaries.append(s)
+        write_jsonl_atomic(out / "summary.jsonl", (dataclasses.asdict(x) for x in summaries))
+        log(s.line())
+
+    def greedy(p) -> float:
+        r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens)
+        return float(sum(r) / len(r))
+
+    record(IterationSummary(0, greedy(policy)))
+    pool: list[dict] = []
+    base_seed = config.rs.generation.seed if config.rs.generation.seed is not None else 0
+    for it in range(1, config.iterations + 1):
+        tic = time.perf_counter()
+        d = out / f"iter_{it:02d}"
+        rs = dataclasses.replace(config.rs, generation=dataclasses.replace(
+            config.rs.generation, seed=base_seed + it))
+        report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, rs,
+                                  progress=config.sft.progress)
+        log(f"iteration {it}: {report.summary()}")
+        write_report(report, d / "winners.jsonl", d / "samples.jsonl")
+        pool += [r.winner_record() for r in report.results]
+        write_jsonl_atomic(d / "train.jsonl", pool)
+        del policy
+        policy, tokenizer = load_policy()
+        sft = dataclasses.replace(config.sft, seed=config.sft.seed + it)
+        finetune(policy, tokenizer, d / "train.jsonl", d / "adapters", sft,
+                 lora_config=lora_config, log=log)
+        record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,
+                                len(pool), str(d / "adapters"), time.perf_counter() - tic))
+    return summaries
+
+
+# --------------------------------------------------------------------------- from files
+
+
+def _policy_loader(model, adapter_path, dtype):
+    from .loader import load
+    from .lora import read_adapter_config
+
+    lora_config = None
+    if adapter_path is not None:
+        kind, lora_config = read_adapter_config(adapter_path)
+        if kind != "lora":
+            raise Llama2Error(f"--adapter-path {adapter_path}: holds a {kind} fine-tune, "
+                              "not LoRA adapters (fuse it into the model first)")
+    return (lambda: load(model, dtype=dtype, adapter_path=adapter_path)), lora_config
+
+
+def rejection_sample_files(model, reward_model, prompts_file, out, config: Optional[RSConfig] = None,
+                           *, adapter_path=None, all_out=None, dtype=None,
+                           progress: bool = True) -> RSReport:
+    """Load the policy (``model`` [+ ``adapter_path``]) and the reward model folder, run
+    ``rejection_sample`` on the prompts of ``prompts_file`` and ``write_report``."""
+    from .reward import load_reward_model
+
+    config = config or RSConfig()
+    config.check()
+    prompts = read_prompts(prompts_file)
+    policy, tokenizer = _policy_loader(model, adapter_path, dtype)[0]()
+    rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype)
+    report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, config,
+                              progress=progress)
+    write_report(report, out, all_out)
+    return report
+
+
+def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
+                  *, adapter_path=None, eval_prompts_file=None, dtype=None,
+                  log: Callable[[str], None] = _stderr) -> list[IterationSummary]:
+    """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
+    folder and prompt files."""
+    from .reward import load_reward_model
+
+    config = config or RSLoopConfig()
+    config.rs.check()
+    prompts = read_prompts(prompts_file)
+    eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
+    load_policy, lora_config = _policy_loader(model, adapter_path, dtype)
+    rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype)
+    return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
+                   eval_prompts=eval_prompts, lora_config=lora_config, log=log)
