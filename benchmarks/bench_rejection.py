@@ -70,18 +70,18 @@ def main():
     K, eos = args.k, 2
 
     def separate():
-        return [sample_k(policy, prompt, 1, config, eos)[0] for _ in range(K)]
+        return [sample_k(policy, prompt, 1, config, eos).tokens[0] for _ in range(K)]
 
     def best_of_k():
-        return sample_k(policy, prompt, K, config, eos)
+        return sample_k(policy, prompt, K, config, eos).tokens
 
     def best_of_k_scored():
-        outs = sample_k(policy, prompt, K, config, eos)
+        outs = sample_k(policy, prompt, K, config, eos).tokens
         rewards = score_shared_prefix(rm, [prompt + o + [eos] for o in outs])
         return outs, int(np.argmax(rewards))
 
     def separate_scored():
-        outs = [sample_k(policy, prompt, 1, config, eos)[0] for _ in range(K)]
+        outs = [sample_k(policy, prompt, 1, config, eos).tokens[0] for _ in range(K)]
         rewards = [score_sequences(rm, [prompt + o + [eos]])[0] for o in outs]
         return outs, int(np.argmax(rewards))
 

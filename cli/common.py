@@ -1,13 +1,34 @@
-"""Shared CLI plumbing: one-line errors instead of tracebacks."""
+"""Shared CLI plumbing: one-line errors instead of tracebacks, the dtype choice and
+options grouped in help panels."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
+from typing import Optional
 
 import typer
 
 from llama2_mlx.errors import Llama2Error
+
+DATA, LORA, TRAINING = "Data", "LoRA", "Training"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def dtype_name(dtype: Optional[DType]) -> Optional[str]:
+    """The library's dtype argument for a ``--dtype`` choice (None: keep the checkpoint's)."""
+    return dtype.value if dtype else None
+
+
+def opt(help: str, panel: str = TRAINING, *names: str):
+    """A ``typer.Option`` shown in help panel ``panel``."""
+    return typer.Option(*names, help=help, rich_help_panel=panel)
 
 
 def cli_errors(fn):

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import cli_errors
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+from cli.common import DType, cli_errors, dtype_name
 
 
 SrcOpt = Annotated[str, typer.Option("--model", "-m", help="Meta or HF folder, or a hub repo id.")]
@@ -30,7 +23,7 @@ def convert(model: SrcOpt, out: OutOpt, dtype: DTypeOpt = None, quantize: QOpt =
     """Convert a checkpoint to this project's (mlx-lm compatible) format."""
     from llama2_mlx.export import convert as convert_checkpoint
 
-    path = convert_checkpoint(model, out, dtype=dtype.value if dtype else None,
+    path = convert_checkpoint(model, out, dtype=dtype_name(dtype),
                               q_bits=q_bits if quantize else None, q_group_size=q_group_size)
     typer.echo(f"wrote {path}")
 

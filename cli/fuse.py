@@ -7,19 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import cli_errors, eprint
+from cli.common import DType, cli_errors, dtype_name, eprint
 
 
 class Format(str, Enum):
     mlx = "mlx"
     hf = "hf"
     gguf = "gguf"
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
 
 
 @cli_errors
@@ -36,7 +30,7 @@ def fuse(
     from llama2_mlx.fuse import fuse as run
 
     path = run(model, adapter_path, out, fmt=format.value, dequantize=dequantize,
-               requantize=requantize, dtype=dtype.value if dtype else None)
+               requantize=requantize, dtype=dtype_name(dtype))
     eprint(f"fused model written to {path}")
 
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import cli_errors, eprint
+from cli.common import DType, cli_errors, dtype_name, eprint
 from llama2_mlx.errors import Llama2Error
-
-
-class DType(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo model)."
@@ -46,17 +38,19 @@ def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[s
         model = default_model_path()
     from llama2_mlx.loader import load
 
-    return load(model, dtype=dtype.value if dtype else None, adapter_path=adapter_path)
+    return load(model, dtype=dtype_name(dtype), adapter_path=adapter_path)
 
 
 def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):
     from llama2_mlx.generate import GenerationConfig
 
-    return GenerationConfig(
+    config = GenerationConfig(
         max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
         max_kv_size=max_kv_size,
     )
+    config.check()  # before the (slow) model load
+    return config
 
 
 @cli_errors
@@ -74,7 +68,6 @@ def generate(
 
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop,
                      max_kv_size)
-    config.check()
     net, tokenizer = _load(model, dtype, adapter_path)
     for r in stream_generate(net, tokenizer, prompt_ids(tokenizer, prompt, system, chat), config):
         typer.echo(r.text, nl=False)
@@ -99,7 +92,6 @@ def chat(
 
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, None,
                      max_kv_size)
-    config.check()
     net, tokenizer = _load(model, dtype, adapter_path)
     eprint("chat: /reset clears the history, /quit exits")
     write = lambda text: typer.echo(text, nl=False)  # noqa: E731

@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -26,35 +27,42 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 
 
-def save_safetensors_atomic(path, arrays: dict[str, mx.array], metadata: Optional[dict] = None):
-    """Write ``arrays`` to ``path`` through a temporary file in the same folder and os.replace."""
+@contextmanager
+def atomic_file(path, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file name beside ``path`` for the block to write; renamed onto ``path``
+    when the block succeeds, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_safetensors_atomic(path, arrays: dict[str, mx.array], metadata: Optional[dict] = None):
+    """Write ``arrays`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path, ".safetensors") as tmp:
+        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
 
 
 def write_json_atomic(path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def write_jsonl_atomic(path, records: Iterable[dict]) -> Path:
+    """Write records as JSONL (UTF-8) to ``path`` atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def _step_dir(root: Path, step: int) -> Path:

@@ -9,8 +9,6 @@ SentencePiece vocabulary).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from llama2_mlx.checkpoint import atomic_file
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.lora import dequantize_model, fuse_lora, lora_layers
 
@@ -101,15 +100,12 @@ def write_gguf(model: nn.Module, path, tokenizer_path, dtype: str = "f16") -> Pa
     args = model.args
     np_dtype = np.float16 if dtype == "f16" else np.float32
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokens, scores, types, ids = _sentencepiece_vocab(tokenizer_path)
     if len(tokens) != args.vocab_size:
         raise Llama2Error(
             f"{tokenizer_path}: {len(tokens)} pieces, the model has {args.vocab_size} rows"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(path.stem)
         w.add_context_length(args.max_seq_len)
@@ -147,11 +143,6 @@ def write_gguf(model: nn.Module, path, tokenizer_path, dtype: str = "f16") -> Pa
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
@@ -275,19 +275,27 @@ def generate(
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt_ids, config))
 
 
-def _collect(steps, batch: int, eos_id: int, max_tokens: int) -> list[list[int]]:
-    """Token lists of a batched ``generate_step``, each cut at (excluding) EOS."""
-    out: list[list[int]] = [[] for _ in range(batch)]
+class Samples(NamedTuple):
+    """Token ids of several sequences, each cut at (excluding) EOS, and whether each one
+    ended with EOS (False: it stopped at max_tokens)."""
+
+    tokens: list[list[int]]
+    finished: list[bool]
+
+
+def _collect(steps, batch: int, eos_id: int, max_tokens: int) -> Samples:
+    """The sequences of a batched ``generate_step``."""
+    out = Samples([[] for _ in range(batch)], [False] * batch)
     done = [False] * batch
     for y, _ in steps:
         for i, t in enumerate(y.tolist()):
             if done[i]:
                 continue  # finished rows keep decoding harmlessly; their tokens are dropped
             if t == eos_id:
-                done[i] = True
+                done[i] = out.finished[i] = True
             else:
-                out[i].append(t)
-                done[i] = len(out[i]) >= max_tokens
+                out.tokens[i].append(t)
+                done[i] = len(out.tokens[i]) >= max_tokens
         if all(done):
             break
     return out
@@ -320,7 +328,7 @@ def batch_generate(
         logits_processors=_processors(tokenizer, config), prefill_step=config.prefill_step,
         max_tokens=config.max_tokens,
     )
-    return _collect(steps, len(rows), tokenizer.eos_id, config.max_tokens)
+    return _collect(steps, len(rows), tokenizer.eos_id, config.max_tokens).tokens
 
 
 def _with_prefix(process: LogitsProcessor, prefix: mx.array) -> LogitsProcessor:
@@ -329,8 +337,9 @@ def _with_prefix(process: LogitsProcessor, prefix: mx.array) -> LogitsProcessor:
 
 def sample_k(
     model, prompt_ids: Sequence[int], k: int, config: GenerationConfig, eos_id: int
-) -> list[list[int]]:
-    """Draw ``k`` answers to one prompt; return their token ids (cut at, excluding, EOS).
+) -> Samples:
+    """Draw ``k`` answers to one prompt: their token ids (cut at, excluding, EOS) and
+    whether each ended with EOS.
 
     The prompt is prefilled once with batch 1; the cache is then repeated k
     times and the k samples are decoded as one batch.

@@ -129,6 +129,14 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(k, m) for k, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def train_lora_only(model: nn.Module) -> nn.Module:
+    """Freeze ``model`` but the ``lora_a``/``lora_b`` of its LoRA layers (to train them further)."""
+    model.freeze()
+    for _, layer in lora_layers(model):
+        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    return model
+
+
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     """The LoRA matrices under mlx-lm's key names."""
     return {

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +23,16 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
+from .checkpoint import write_jsonl_atomic
 from .errors import Llama2Error
+from .generate import GenerationConfig, batch_generate, sample_k
+from .progress import ProgressBar, log_stderr
+from .reward import (RewardModel, encode_response, prompt_messages, score_sequences,
+                     score_shared_prefix)
+from .tokenizer import SPECIAL_TAGS
 
 if TYPE_CHECKING:
     from .sft import SFTOptions
-from .generate import GenerationConfig, batch_generate, sample_k
-from .tokenizer import SPECIAL_TAGS
-from .reward import (RewardModel, encode_response, prompt_messages, score_sequences,
-                     score_shared_prefix, write_jsonl_atomic)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def read_prompts(path) -> list[list[dict]]:
@@ -162,31 +159,6 @@ def _pick_best(rewards: Sequence[float], finished: Sequence[bool]) -> int:
     return max(pool, key=lambda i: rewards[i])
 
 
-class _Bar:
-    def __init__(self, total: int, description: str, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr))
-            self.progress.__enter__()
-            self.task = self.progress.add_task(description, total=total, info="")
-
-    def update(self, done: int, info: str) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=done, info=info)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(None, None, None)
-            self.progress = None
-
-
 def rejection_sample(
     policy, tokenizer, rm: RewardModel, rm_tokenizer, prompts: Sequence[Sequence[dict]],
     config: Optional[RSConfig] = None, *, progress: bool = True,
@@ -207,27 +179,29 @@ def rejection_sample(
     policy.eval()
     report = RSReport([])
     tic = time.perf_counter()
-    bar = _Bar(len(prompts), "rejection-sample", progress)
     try:
-        for n, prompt in enumerate(prompts, 1):
-            prompt = list(prompt)
-            t0 = time.perf_counter()
-            outs = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen, tokenizer.eos_id)
-            t1 = time.perf_counter()
-            texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
-            finished = [len(o) < gen.max_tokens or c for o, c in zip(outs, cut)]
-            seqs = [encode_response(rm_tokenizer, prompt, t, rm.args.max_seq_len) for t in texts]
-            rewards = []
-            for i in range(0, len(seqs), config.score_batch_size):
-                rewards += score_shared_prefix(rm, seqs[i : i + config.score_batch_size])
-            report.sample_seconds += t1 - t0
-            report.score_seconds += time.perf_counter() - t1
-            report.generated_tokens += sum(len(o) for o in outs)
-            report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
-                                                _pick_best(rewards, finished)))
-            bar.update(n, f"best {report.mean_best:.3f}  median {report.mean_median:.3f}")
+        with ProgressBar("rejection-sample", len(prompts), ("best {best}", "median {median}"),
+                         enabled=progress) as bar:
+            for n, prompt in enumerate(prompts, 1):
+                prompt = list(prompt)
+                t0 = time.perf_counter()
+                outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
+                                     tokenizer.eos_id)
+                t1 = time.perf_counter()
+                texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
+                finished = [e or c for e, c in zip(eos, cut)]
+                seqs = [encode_response(rm_tokenizer, prompt, t, rm.args.max_seq_len)
+                        for t in texts]
+                rewards = []
+                for i in range(0, len(seqs), config.score_batch_size):
+                    rewards += score_shared_prefix(rm, seqs[i : i + config.score_batch_size])
+                report.sample_seconds += t1 - t0
+                report.score_seconds += time.perf_counter() - t1
+                report.generated_tokens += sum(len(o) for o in outs)
+                report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
+                                                    _pick_best(rewards, finished)))
+                bar.update(n, best=f"{report.mean_best:.3f}", median=f"{report.mean_median:.3f}")
     finally:
-        bar.close()
         policy.train(was_training)
     report.seconds = time.perf_counter() - tic
     return report
@@ -265,45 +239,18 @@ def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
 
 
 def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
-             lora_config=None, log: Callable[[str], None] = _stderr):
-    """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with the shared
-    trainer and answer-only loss (``opts``: an ``sft.SFTOptions``); adapters the policy
-    already has (``lora_config`` describes them) are trained further, else new ones are
-    added. The adapters are written to ``adapter_path``. Returns the trainer's result."""
-    from .data import SFTBatches, fit_length, load_samples
-    from .lora import LoRAConfig, apply_lora, lora_layers, save_adapters
-    from .sft import resolve_keys, sft_loss
-    from .trainer import TrainConfig, train
+             lora_config=None, log: Callable[[str], None] = log_stderr):
+    """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with
+    ``sft.lora_train`` (``opts``: an ``sft.SFTOptions``; its data files, adapter path and
+    resume are replaced); adapters the policy already has (``lora_config`` describes them)
+    are trained further, else new ones are added. The adapters are written to
+    ``adapter_path``. Returns the trainer's result."""
+    from .sft import lora_train
 
-    samples, report = fit_length(load_samples(train_file, tokenizer), opts.max_seq_length,
-                                 opts.long_samples)
-    if (msg := report.message(str(train_file), opts.max_seq_length + 1)) is not None:
-        log(msg)
-    if not samples:
-        raise Llama2Error(f"{train_file}: no sample left after --long-samples {opts.long_samples}")
-    batches = SFTBatches(samples, opts.batch_size, opts.max_seq_length, opts.pack, opts.seed)
-    mx.random.seed(opts.seed)
-    if lora_layers(policy):
-        if lora_config is None:
-            raise ValueError("the policy has LoRA layers: pass their LoRAConfig")
-        policy.freeze()
-        for _, layer in lora_layers(policy):
-            layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
-    else:
-        lora_config = LoRAConfig(opts.rank, opts.scale, opts.dropout, resolve_keys(opts.keys),
-                                 opts.num_layers)
-        apply_lora(policy, lora_config)
-    adapter_path = Path(adapter_path)
-    config = TrainConfig(
-        lr=opts.lr, warmup=opts.warmup, min_lr_ratio=opts.min_lr_ratio,
-        weight_decay=opts.weight_decay, clip=opts.clip, grad_accum=opts.grad_accum,
-        epochs=opts.epochs, iters=opts.iters, val_every=0, save_every=opts.save_every,
-        checkpoint_dir=adapter_path / "checkpoints", grad_checkpoint=opts.grad_checkpoint,
-        seed=opts.seed, progress=opts.progress, description="rs fine-tune",
-    )
-    return train(policy, sft_loss, batches, config,
-                 on_save=lambda m, step: save_adapters(m, adapter_path, lora_config, step=step),
-                 log=log)
+    opts = dataclasses.replace(opts, data=None, train=str(train_file), valid=None, test=None,
+                               adapter_path=str(adapter_path), resume=False)
+    return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
+                      description="rs fine-tune").train
 
 
 @dataclass
@@ -352,7 +299,7 @@ def rs_loop(
     load_policy: Callable[[], tuple], rm: RewardModel, rm_tokenizer,
     prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
     eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = log_stderr,
 ) -> list[IterationSummary]:
     """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
 
@@ -442,7 +389,7 @@ def rejection_sample_files(model, reward_model, prompts_file, out, config: Optio
 
 def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
                   *, adapter_path=None, eval_prompts_file=None, dtype=None,
-                  log: Callable[[str], None] = _stderr) -> list[IterationSummary]:
+                  log: Callable[[str], None] = log_stderr) -> list[IterationSummary]:
     """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
     folder and prompt files."""
     from .reward import load_reward_model

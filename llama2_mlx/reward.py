@@ -17,11 +17,9 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -584,15 +582,15 @@ class RewardTrainConfig:
             raise Llama2Error(f"--eval-every must be >= 0 (got {self.eval_every})")
 
 
+# §3.2.2: warmup over 3% of the steps, at least 5 (``TrainConfig.warmup_steps``).
+PAPER_WARMUP = dict(warmup=5, warmup_ratio=0.03)
+
+
 def paper_warmup(total_steps: int) -> int:
     """3% of the steps, at least 5 (§3.2.2), and never all of them."""
-    return max(0, min(max(5, round(0.03 * total_steps)), total_steps - 1))
+    from .trainer import TrainConfig
 
-
-def _total_steps(train_cfg, per_epoch: int) -> int:
-    if train_cfg.iters is not None:
-        return train_cfg.iters
-    return math.ceil(math.ceil(train_cfg.epochs * per_epoch) / train_cfg.grad_accum)
+    return TrainConfig(**PAPER_WARMUP).warmup_steps(total_steps)
 
 
 @dataclass
@@ -633,14 +631,14 @@ def fit_reward_model(
     """Train ``rm`` (see ``prepare_reward_model``) with the shared trainer on encoded pairs;
     held-out metrics are logged every ``config.eval_every`` steps and at the end; with
     ``out_dir`` the reward model folder is written there at each checkpoint and at the end."""
+    from .progress import log_stderr
     from .trainer import train
 
-    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    say = log or log_stderr
     batches = PairBatches(train_pairs, config.batch_size, seed=config.train.seed)
-    total = _total_steps(config.train, len(batches))
-    warmup = paper_warmup(total) if config.warmup is None else config.warmup
-    train_cfg = config.train
-    train_cfg = dataclasses.replace(train_cfg, warmup=warmup, val_every=0)
+    warmup = PAPER_WARMUP if config.warmup is None else dict(warmup=config.warmup, warmup_ratio=0.0)
+    train_cfg = dataclasses.replace(config.train, **warmup, val_every=0)
+    total = train_cfg.total_steps(len(batches))
     if out_dir is not None and train_cfg.checkpoint_dir is None:
         train_cfg.checkpoint_dir = Path(out_dir) / "checkpoints"
     history: list[tuple[int, RewardMetrics]] = []
@@ -669,9 +667,8 @@ def fit_reward_model(
         )
 
     result = train(rm, reward_loss, batches, train_cfg, on_step=on_step, on_save=on_save, log=say)
-    last_step = result.steps or result.resumed_from or 0
-    if not history or history[-1][0] != last_step:
-        run_eval(last_step)
+    if not history or history[-1][0] != result.steps:
+        run_eval(result.steps)
     rm.eval()
     return RewardTrainResult(result, history, Path(out_dir) if out_dir is not None else None)
 
@@ -723,27 +720,11 @@ def response_of(record: dict, where: str) -> tuple[list[dict], str]:
                       "or 'messages' ending with an assistant turn")
 
 
-def write_jsonl_atomic(path, records: Iterable[dict]) -> Path:
-    """Write records as JSONL through a temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
                key: str = "reward") -> list[float]:
     """Score every prompt/response record of ``data`` (see ``response_of``) and write the
     records with their score under ``key`` to ``out``; returns the scores."""
+    from .checkpoint import write_jsonl_atomic
     from .data import read_jsonl
 
     records = read_jsonl(data)

@@ -49,11 +49,9 @@ def lr_schedule(
     return lr
 
 
-def make_optimizer(config, total_steps: int) -> optim.AdamW:
-    """AdamW on ``config``'s lr schedule (any object with the TrainConfig fields)."""
-    schedule = lr_schedule(
-        config.lr, total_steps, config.warmup, config.min_lr_ratio, config.schedule
-    )
+def make_optimizer(config, schedule: Callable) -> optim.AdamW:
+    """AdamW with ``config``'s betas, eps and weight decay (any object with the TrainConfig
+    fields) on the learning-rate ``schedule``."""
     return optim.AdamW(
         learning_rate=schedule, betas=list(config.betas), eps=config.eps,
         weight_decay=config.weight_decay,

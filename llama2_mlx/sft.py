@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,7 +19,9 @@ import mlx.nn as nn
 
 from llama2_mlx.data import SFTBatches, fit_length, load_samples
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.lora import DEFAULT_KEYS, LoRAConfig, apply_lora, save_adapters, trainable_count
+from llama2_mlx.lora import (DEFAULT_KEYS, LoRAConfig, apply_lora, lora_layers, save_adapters,
+                             train_lora_only, trainable_count)
+from llama2_mlx.progress import log_stderr
 from llama2_mlx.trainer import TrainConfig, TrainResult, evaluate, train
 
 # §3.1: cosine schedule, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096,
@@ -228,17 +229,16 @@ def _data_file(opts: SFTOptions, split: str) -> Optional[Path]:
     return p if p.exists() else None
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def lora_train(
     opts: SFTOptions, model: Optional[nn.Module] = None, tokenizer=None,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = log_stderr, *, lora_config: Optional[LoRAConfig] = None,
+    description: str = "lora-train",
 ) -> SFTResult:
     """Fine-tune LoRA adapters on ``opts.data`` and write them to ``opts.adapter_path``.
 
-    ``model``/``tokenizer`` default to loading ``opts.model``.
+    ``model``/``tokenizer`` default to loading ``opts.model``. Adapters ``model`` already
+    has (``lora_config`` describes them) are trained further; else new ones are added
+    (``opts.rank`` ...). ``description`` labels the progress bar.
     """
     # Check the options before the (slow) model load.
     lora_cfg = LoRAConfig(opts.rank, opts.scale, opts.dropout, resolve_keys(opts.keys),
@@ -251,7 +251,7 @@ def lora_train(
         val_batches=opts.val_batches, save_every=opts.save_every,
         checkpoint_dir=adapter_path / "checkpoints", resume=opts.resume,
         grad_checkpoint=opts.grad_checkpoint, seed=opts.seed, progress=opts.progress,
-        description="lora-train",
+        description=description,
     )
     train_file = _data_file(opts, "train")
     if train_file is None:
@@ -285,7 +285,13 @@ def lora_train(
             + (" (packed)" if opts.pack else " (padded)"))
 
     mx.random.seed(opts.seed)
-    apply_lora(model, lora_cfg)
+    if lora_layers(model):
+        if lora_config is None:
+            raise ValueError("the model has LoRA layers: pass their LoRAConfig")
+        lora_cfg = lora_config
+        train_lora_only(model)
+    else:
+        apply_lora(model, lora_cfg)
     trainable, total = trainable_count(model)
     log(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 

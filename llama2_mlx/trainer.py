@@ -29,12 +29,13 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llama2_mlx.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.progress import TrainProgress, peak_memory_gb
+from llama2_mlx.progress import ProgressBar, peak_memory_gb
 from llama2_mlx.schedule import lr_schedule, make_optimizer
 
 LossFn = Callable[[nn.Module, Any], tuple[mx.array, mx.array]]
 
-# Settings a resumed run must share with its checkpoint (the rest may change).
+# Settings a resumed run must share with its checkpoint (the rest may change);
+# "warmup" is recorded as the run's warmup steps (warmup_ratio included).
 RESUME_KEYS = ("lr", "warmup", "min_lr_ratio", "schedule", "weight_decay", "betas", "eps",
                "grad_accum", "seed", "total_steps", "batches_per_epoch")
 
@@ -43,13 +44,17 @@ RESUME_KEYS = ("lr", "warmup", "min_lr_ratio", "schedule", "weight_decay", "beta
 class TrainConfig:
     """Optimizer, schedule, length, evaluation and checkpoint settings of a run.
 
-    Give ``epochs`` or ``iters`` (optimizer steps); ``clip`` 0 disables clipping;
+    Give ``epochs`` or ``iters`` (optimizer steps); the learning rate warms up over
+    ``warmup`` steps or, with ``warmup_ratio`` > 0, that share of the steps with
+    ``warmup`` as the floor (never all of them: ``warmup=5, warmup_ratio=0.03`` is the
+    paper's "3% of the steps, at least 5"); ``clip`` 0 disables clipping;
     ``val_every``/``save_every`` 0 disable periodic validation/checkpoints;
     checkpoints go to ``checkpoint_dir`` (none without it).
     """
 
     lr: float = 1e-5
     warmup: int = 0
+    warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     weight_decay: float = 0.01
@@ -84,6 +89,25 @@ class TrainConfig:
             raise Llama2Error(f"--grad-accum must be at least 1 (got {self.grad_accum})")
         if self.clip < 0:
             raise Llama2Error(f"--clip must be >= 0 (got {self.clip})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise Llama2Error(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+
+    def micro_batches(self, per_epoch: int) -> int:
+        """Micro-batches of the run, given ``per_epoch`` batches an epoch."""
+        if self.iters is not None:
+            return self.iters * self.grad_accum
+        return math.ceil(self.epochs * per_epoch)
+
+    def total_steps(self, per_epoch: int) -> int:
+        """Optimizer steps of the run, given ``per_epoch`` batches an epoch."""
+        return math.ceil(self.micro_batches(per_epoch) / self.grad_accum)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps`` (see ``warmup_ratio``)."""
+        if not self.warmup_ratio:
+            return self.warmup
+        steps = max(self.warmup, round(self.warmup_ratio * total_steps))
+        return max(0, min(steps, total_steps - 1))
 
 
 class StopTraining(Exception):
@@ -171,15 +195,12 @@ def train(
     if per_epoch == 0:
         raise Llama2Error("no training batches")
     ga = config.grad_accum
-    if config.iters is not None:
-        total_micro = config.iters * ga
-    else:
-        total_micro = math.ceil(config.epochs * per_epoch)
-    total_steps = math.ceil(total_micro / ga)
-    optimizer = make_optimizer(config, total_steps)
-    schedule = lr_schedule(config.lr, total_steps, config.warmup, config.min_lr_ratio, config.schedule)
+    total_micro, total_steps = config.micro_batches(per_epoch), config.total_steps(per_epoch)
+    warmup = config.warmup_steps(total_steps)
+    schedule = lr_schedule(config.lr, total_steps, warmup, config.min_lr_ratio, config.schedule)
+    optimizer = make_optimizer(config, schedule)
     fingerprint = {
-        **{k: getattr(config, k) for k in RESUME_KEYS if hasattr(config, k)},
+        **{k: getattr(config, k) for k in RESUME_KEYS if hasattr(config, k)}, "warmup": warmup,
         "betas": list(config.betas), "total_steps": total_steps, "batches_per_epoch": per_epoch,
     }
     result = TrainResult(total_steps=total_steps)
@@ -224,7 +245,7 @@ def train(
     set_grad_checkpoint(model, config.grad_checkpoint)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def validate(step: int, bar: TrainProgress) -> None:
+    def validate(step: int, bar: ProgressBar) -> None:
         if val_batches is None:
             return
         tic = time.perf_counter()
@@ -232,7 +253,7 @@ def train(
         result.val_losses.append((step, loss))
         bar.log(f"step {step}: val loss {loss:.4f} ({n} targets, {time.perf_counter() - tic:.1f}s)")
 
-    def checkpoint(step: int, bar: TrainProgress) -> None:
+    def checkpoint(step: int, bar: ProgressBar) -> None:
         if ckpt_dir is not None:
             state = {
                 "fingerprint": fingerprint, "micro_batch": step * ga,
@@ -260,8 +281,9 @@ def train(
         return epoch_cache[e][m % per_epoch]
 
     mx.reset_peak_memory()
-    with TrainProgress(total_steps, start_step=start, enabled=config.progress,
-                       description=config.description) as bar:
+    columns = ("loss {loss}", "lr {lr}", "{tps} tok/s", "peak {mem} GB")
+    with ProgressBar(config.description, total_steps, columns, completed=start,
+                     enabled=config.progress) as bar:
         if start == 0 and config.val_every > 0 and config.val_at_start:
             validate(0, bar)
         tic = time.perf_counter()
@@ -300,7 +322,9 @@ def train(
             result.steps = done
             result.train_losses.append((done, loss))
             result.learning_rates.append((done, lr))
-            bar.update(done, loss=loss, lr=lr, tokens_per_sec=tokens / elapsed if elapsed else 0)
+            bar.update(done, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                       tps=f"{tokens / elapsed if elapsed else 0:,.0f}",
+                       mem=f"{peak_memory_gb():.2f}")
             if val_batches is not None and config.val_every > 0 and (
                 done % config.val_every == 0 or done == total_steps
             ):
@@ -318,8 +342,9 @@ def train(
                 break
             tic = time.perf_counter()
     result.peak_memory_gb = peak_memory_gb()
+    resumed = f" (resumed at step {start} of {total_steps})" if config.resume else ""
     say(
-        f"trained {result.steps - start} steps in {result.seconds:.1f}s, "
+        f"trained {result.steps - start} steps{resumed} in {result.seconds:.1f}s, "
         f"{result.tokens_per_sec:,.0f} tokens/s, peak memory {result.peak_memory_gb:.2f} GB"
     )
     return result

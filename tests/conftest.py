@@ -60,3 +60,19 @@ def spm_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("spm")
     write_corpus(d / "corpus.txt")
     return train_tokenizer([d / "corpus.txt"], d / "tokenizer", 512, num_threads=1)
+
+
+@pytest.fixture(scope="session")
+def tok(spm_path):
+    """The tokenizer of ``spm_path``."""
+    from llama2_mlx.tokenizer import Tokenizer
+
+    return Tokenizer(spm_path)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, spm_path):
+    """``make_model()`` saved (HF layout) with the ``spm_path`` tokenizer."""
+    from llama2_mlx.loader import save_model
+
+    return save_model(make_model(), tmp_path_factory.mktemp("tiny-model"), spm_path)

@@ -1,42 +1,15 @@
-import json
-import shutil
 import sys
 import types
 
-import mlx.core as mx
-import pytest
-from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import llama2_mlx.generate as gen
 from cli.app import app
 from llama2_mlx.generate import GenerationConfig, generate, prompt_ids
-from llama2_mlx.tokenizer import Tokenizer
 
 from conftest import make_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, spm_path):
-    """A tiny random model saved in the HF layout with its tokenizer."""
-    d = tmp_path_factory.mktemp("tiny-model")
-    model = make_model()
-    try:
-        from llama2_mlx.loader import save_model
-    except ImportError:
-        (d / "config.json").write_text(json.dumps(model.args.to_hf_config()))
-        mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
-        shutil.copyfile(spm_path, d / "tokenizer.model")
-    else:
-        save_model(model, d, spm_path)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
 
 
 def test_generate_streams_text_to_stdout_and_stats_to_stderr(model_dir, tok):
@@ -107,3 +80,15 @@ def test_chat_keeps_history_and_handles_reset_and_quit(model_dir, tok, monkeypat
 def test_chat_ends_at_end_of_input(model_dir):
     r = runner.invoke(app, ["chat", "-m", str(model_dir), "--max-tokens", "2"], input="hi\n")
     assert r.exit_code == 0 and r.stdout.count("\n") == 1
+
+
+def test_every_help_text_shows_as_written():
+    """Rich markup must not eat help texts (``[default: N]`` would vanish)."""
+    import typer
+
+    for name, cmd in typer.main.get_command(app).commands.items():
+        r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "1000"})
+        assert r.exit_code == 0, r.output
+        shown = " ".join(r.output.split())
+        for text in [cmd.help] + [p.help for p in cmd.params if p.help]:
+            assert " ".join(text.split()) in shown, (name, text)

@@ -12,12 +12,7 @@ from conftest import make_model
 from llama2_mlx.data import SFTBatches, Sample, fit_length, load_samples, tokenize_record
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.sft import sft_loss, token_losses
-from llama2_mlx.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
 
 
 def write_jsonl(path, records):

@@ -11,14 +11,9 @@ from llama2_mlx.generate import (
     prompt_ids, sample_k, stream_generate,
 )
 from llama2_mlx.sample import make_logits_processors
-from llama2_mlx.tokenizer import Tokenizer
 
 from conftest import TINY
 
-
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
 
 
 @pytest.fixture(scope="module")
@@ -166,20 +161,26 @@ def test_sample_k_greedy_equals_generate_and_seeded_samples(model, tok):
     ids = prompts(1, seed=2)[0]
     config = GenerationConfig(max_tokens=6)
     ref = greedy_reference(model, ids, 6)
-    assert sample_k(model, ids, 3, config, eos_id=tok.eos_id) == [ref] * 3
+    assert sample_k(model, ids, 3, config, eos_id=tok.eos_id) == ([ref] * 3, [False] * 3)
     one = greedy_reference(model, ids[:1], 6)  # a 1-token prompt: nothing to prefill
-    assert sample_k(model, ids[:1], 2, config, eos_id=tok.eos_id) == [one] * 2
+    assert sample_k(model, ids[:1], 2, config, eos_id=tok.eos_id) == ([one] * 2, [False] * 2)
     config = GenerationConfig(max_tokens=6, temp=1.0, seed=11)
     a = sample_k(model, ids, 4, config, eos_id=tok.eos_id)
     assert a == sample_k(model, ids, 4, config, eos_id=tok.eos_id)
-    assert len({tuple(s) for s in a}) > 1 and all(len(s) <= 6 for s in a)
+    assert len({tuple(s) for s in a.tokens}) > 1 and all(len(s) <= 6 for s in a.tokens)
+    assert a.finished == [len(s) < 6 for s in a.tokens]
 
 
-def test_sample_k_cuts_at_eos(model):
+def test_sample_k_cuts_at_eos_and_reports_which_rows_finished(model):
     ids = prompts(1, seed=2)[0]
     forced = ForceToken(model, 2, len(ids) + 1)
-    assert sample_k(forced, ids, 2, GenerationConfig(max_tokens=6), eos_id=2) == [
-        greedy_reference(model, ids, 1)] * 2
+    assert sample_k(forced, ids, 2, GenerationConfig(max_tokens=6), eos_id=2) == (
+        [greedy_reference(model, ids, 1)] * 2, [True, True])
+    # EOS as the 6th token: finished with max_tokens 6, cut off (same tokens) with 5.
+    forced = ForceToken(model, 2, len(ids) + 5)
+    five = [greedy_reference(model, ids, 5)] * 2
+    assert sample_k(forced, ids, 2, GenerationConfig(max_tokens=6), eos_id=2) == (five, [True] * 2)
+    assert sample_k(forced, ids, 2, GenerationConfig(max_tokens=5), eos_id=2) == (five, [False] * 2)
 
 
 def test_chat_session_keeps_history(model, tok):

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.loader import save_model
 from llama2_mlx.reward import (MARGINS, EncodedPair, PairBatch, PreferencePair, RewardModel,
                                RewardTrainConfig, encode_pairs, encode_response, evaluate,
                                load_pairs, load_reward_data, load_reward_model,
@@ -23,24 +22,12 @@ from llama2_mlx.reward import (MARGINS, EncodedPair, PairBatch, PreferencePair, 
                                parse_pair, prepare_reward_model, reward_loss, save_reward_model,
                                score_responses, score_sequences, score_shared_prefix,
                                common_prefix_length)
-from llama2_mlx.tokenizer import Tokenizer
 
 from conftest import make_model
 
 runner = CliRunner()
 RATED = ["significantly_better", "better", "slightly_better", "negligibly_better"]
 
-
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, spm_path):
-    d = tmp_path_factory.mktemp("rm-base")
-    save_model(make_model(), d, spm_path)
-    return d
 
 
 def user(text):

@@ -6,10 +6,6 @@ from llama2_mlx.errors import Llama2Error
 from llama2_mlx.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
-
 
 def test_llama2_recipe_digits_split_and_byte_fallback(tok):
     ids = tok.encode("count 1234", bos=False)

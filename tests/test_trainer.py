@@ -20,15 +20,10 @@ from llama2_mlx.errors import Llama2Error
 from llama2_mlx.lora import LoRAConfig, apply_lora, load_adapters
 from llama2_mlx.schedule import lr_schedule
 from llama2_mlx.sft import SFTOptions, lora_train, sft_loss
-from llama2_mlx.tokenizer import Tokenizer
 from llama2_mlx.trainer import StopTraining, TrainConfig, evaluate, train
 
 runner = CliRunner()
 
-
-@pytest.fixture(scope="module")
-def tok(spm_path):
-    return Tokenizer(spm_path)
 
 
 def random_samples(n, seed=0):
@@ -75,7 +70,7 @@ def test_grad_accumulation_and_checkpointing_equal_one_large_batch():
         train(lora_model(dropout=0.1), sft_loss, b, TrainConfig(iters=1, grad_checkpoint=True, progress=False))
 
 
-def run(tmp_path, stop_at=None, resume=False, iters=6):
+def run(tmp_path, stop_at=None, resume=False, iters=6, log=None):
     model = lora_model(dropout=0.2)
     b = SFTBatches(random_samples(24), 2, 40, pack=True, seed=0)
     cfg = TrainConfig(lr=3e-3, warmup=1, iters=iters, save_every=2, val_every=0, progress=False,
@@ -85,7 +80,7 @@ def run(tmp_path, stop_at=None, resume=False, iters=6):
         if step == stop_at:
             raise StopTraining
 
-    result = train(model, sft_loss, b, cfg, on_step=on_step)
+    result = train(model, sft_loss, b, cfg, on_step=on_step, log=log)
     return result, dict(tree_flatten(model.trainable_parameters()))
 
 
@@ -103,6 +98,53 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(np.array(params[k]), np.array(full_params[k]), atol=1e-6)
     # Atomic writes leave no temporary files behind.
     assert not [p for p in (tmp_path / "b" / "ckpt").iterdir() if p.name.startswith(".")]
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    done, done_params = run(tmp_path, iters=4)
+    logs = []
+    again, params = run(tmp_path, resume=True, iters=4, log=logs.append)
+    assert (again.steps, again.resumed_from, again.total_steps) == (4, 4, 4)
+    assert again.train_losses == done.train_losses and not again.stopped
+    assert logs[-1].startswith("trained 0 steps (resumed at step 4 of 4) in ")
+    for k in done_params:
+        np.testing.assert_array_equal(np.array(params[k]), np.array(done_params[k]))
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_with_warmup_as_the_floor():
+    paper = TrainConfig(warmup=5, warmup_ratio=0.03)  # 3% of the steps, at least 5
+    assert [paper.warmup_steps(n) for n in (1000, 100, 3)] == [30, 5, 2]  # never all steps
+    assert TrainConfig(warmup=7).warmup_steps(3) == 7  # a plain warmup stays as given
+    with pytest.raises(Llama2Error, match=r"--warmup-ratio must be in \[0, 1\)"):
+        TrainConfig(warmup_ratio=1.0)
+    b = SFTBatches(random_samples(8), 2, 40, pack=False, seed=0)
+    config = TrainConfig(lr=1e-3, warmup_ratio=0.5, iters=4, val_every=0, save_every=0,
+                         progress=False)
+    result = train(lora_model(), sft_loss, b, config)
+    np.testing.assert_allclose([lr for _, lr in result.learning_rates][:3], [5e-4, 1e-3, 1e-3],
+                               rtol=1e-6)
+
+
+def test_progress_bar_shows_its_fields_and_logs_above():
+    import io
+
+    from rich.console import Console
+
+    from llama2_mlx.progress import ProgressBar
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False)
+    with ProgressBar("demo", 4, ("loss {loss}", "[{n}] items"), console=console) as bar:
+        bar.update(2, loss="0.50", n="7")
+        bar.log("a [line] above")
+    text = out.getvalue()
+    assert "demo" in text and "2/4" in text and "loss 0.50" in text and "[7] items" in text
+    assert "a [line] above" in text
+    quiet = io.StringIO()
+    with ProgressBar("demo", 4, enabled=False, console=Console(file=quiet)) as bar:
+        bar.update(1)
+        bar.log("still printed")
+    assert quiet.getvalue() == "still printed\n"
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -181,13 +223,6 @@ def test_answer_only_lora_learns_the_answers_not_the_prompts(tmp_path, tok):
     print(f"held-out answer loss {a0:.3f} -> {a1:.3f}; prompt-token loss {p0:.3f} -> {p1:.3f}")
     assert a1 < 0.5 * a0
     assert p1 > p0 - 0.1 * (a0 - a1)  # the prompts are not trained
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, spm_path):
-    from llama2_mlx.loader import save_model
-
-    return save_model(make_model(), tmp_path_factory.mktemp("base"), spm_path)
 
 
 def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
