@@ -1,0 +1,301 @@
+"""The reward model itself (Touvron et al. 2023, §3.2.2): the policy's backbone with a
+scalar head (``RewardModel``), the pairwise margin loss, held-out metrics, scoring of
+token sequences and responses, and the reward model folder (save / load).
+
+Importable from ``reward`` as well, which adds the training on top.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import Llama2Error
+from .model import LlamaModel, ModelArgs, Transformer
+from .reward_data import RATINGS, EncodedPair, PairBatch, encode_response, pad_right
+
+CONFIG_NAME = "reward_config.json"
+HEAD_NAME = "head.safetensors"
+BACKBONE_NAME = "backbone.safetensors"
+
+
+# --------------------------------------------------------------------------- model
+
+
+class RewardModel(nn.Module):
+    """The Llama 2 backbone (``model``: embedding, blocks, final norm) and a scalar head.
+
+    ``rm(tokens, lengths)`` takes right-padded (B, T) tokens and the real lengths and
+    returns the (B,) rewards read at position ``lengths - 1`` of each row (attention is
+    causal, so the padding after a row's last token cannot change its reward).
+    Parameter names match the policy's (``model.layers.0...``), so LoRA adapters of
+    either have the same keys; the head is ``score.weight`` of shape (1, dim).
+    """
+
+    def __init__(self, args: ModelArgs, backbone: Optional[LlamaModel] = None):
+        super().__init__()
+        self.args = args
+        self.model = backbone if backbone is not None else LlamaModel(args)
+        # No bias: the pairwise loss is unchanged by a constant shift, so it would never train.
+        self.score = nn.Linear(args.dim, 1, bias=False)
+        self.score.weight = mx.random.normal((1, args.dim)) * args.dim**-0.5
+
+    @classmethod
+    def from_policy(cls, policy: Transformer) -> "RewardModel":
+        """Take ``policy``'s backbone (its weights, LoRA layers included); drop its LM head."""
+        return cls(policy.args, policy.model)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def __call__(self, tokens: mx.array, lengths: mx.array) -> mx.array:
+        h = self.model(tokens)  # (B, T, dim) after the final norm
+        last = h[mx.arange(h.shape[0]), lengths - 1]  # (B, dim) at each row's last real token
+        return self.score(last.astype(self.score.weight.dtype))[:, 0]
+
+
+def pairwise_loss(r_chosen: mx.array, r_rejected: mx.array, margin=0.0) -> mx.array:
+    """Per-pair ``-log(sigmoid(r_c - r_r - m))`` (paper eq. 2), computed stably."""
+    return mx.logaddexp(0.0, -(r_chosen - r_rejected - margin))
+
+
+def reward_loss(rm: RewardModel, batch: PairBatch) -> tuple[mx.array, mx.array]:
+    """(summed loss, number of pairs) of a batch: the trainer's loss function."""
+    r = rm(batch.tokens, batch.lengths)
+    B = batch.margins.shape[0]
+    loss = pairwise_loss(r[:B], r[B:], batch.margins)
+    return loss.astype(mx.float32).sum(), mx.array(B)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class RewardMetrics:
+    """Held-out metrics: accuracy (share of pairs with r_chosen > r_rejected), mean
+    reward gap, mean loss, and ``per_rating``: rating -> (accuracy, number of pairs)."""
+
+    accuracy: float
+    mean_gap: float
+    loss: float
+    n: int
+    per_rating: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_rating"] = {k: {"accuracy": a, "n": n} for k, (a, n) in self.per_rating.items()}
+        return d
+
+    def summary(self) -> str:
+        """One line: accuracy, gap, loss, count, then the accuracy per rating."""
+        line = f"acc {self.accuracy:.3f}  gap {self.mean_gap:.3f}  loss {self.loss:.4f}  (n={self.n})"
+        for k, (a, n) in self.per_rating.items():
+            line += f"  {k} {a:.3f} (n={n})"
+        return line
+
+
+def metrics_from_rewards(r_chosen: Sequence[float], r_rejected: Sequence[float],
+                         margins: Sequence[float] = (), ratings: Sequence[Optional[str]] = ()
+                         ) -> RewardMetrics:
+    """Accuracy, mean gap, loss and per-rating accuracy from the rewards of each pair."""
+    rc, rr = np.asarray(r_chosen, np.float64), np.asarray(r_rejected, np.float64)
+    if rc.size == 0:
+        raise Llama2Error("no pairs to evaluate")
+    m = np.asarray(margins, np.float64) if len(margins) else np.zeros_like(rc)
+    win = rc > rr
+    loss = float(np.mean(np.logaddexp(0.0, -(rc - rr - m))))
+    per_rating = {}
+    if any(r is not None for r in ratings):
+        rated = np.array([r or "" for r in ratings])
+        for name in RATINGS + ("",):
+            sel = rated == name
+            if sel.any():
+                per_rating[name or "unrated"] = (float(win[sel].mean()), int(sel.sum()))
+    return RewardMetrics(float(win.mean()), float(np.mean(rc - rr)), loss, int(rc.size), per_rating)
+
+
+def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], *, batch_size: int = 16,
+                    pad_id: int = 0) -> list[float]:
+    """The reward of each token sequence (batched by similar length; order kept)."""
+    was_training = rm.training
+    rm.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    try:
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            tokens, lengths = pad_right([seqs[j] for j in idx], pad_id)
+            r = rm(tokens, lengths).astype(mx.float32)
+            for j, v in zip(idx, r.tolist()):
+                out[j] = v
+    finally:
+        rm.train(was_training)
+    return out
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all ``seqs``."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
+                        pad_id: int = 0) -> list[float]:
+    """The rewards of sequences that share a prefix (K answers to one prompt), as one batch.
+
+    The shared prefix is run once with batch 1 into a KV cache, the cache is repeated
+    for every sequence and only the (right-padded) remainders are run; equal to
+    ``score_sequences`` up to float rounding. Without a shared prefix it is
+    ``score_sequences``.
+    """
+    from .cache import make_cache
+
+    if len(seqs) < 2:
+        return score_sequences(rm, seqs, pad_id=pad_id)
+    L = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)  # >= 1 token left per row
+    if L < 1:
+        return score_sequences(rm, seqs, batch_size=len(seqs), pad_id=pad_id)
+    was_training = rm.training
+    rm.eval()
+    try:
+        cache = make_cache(rm)
+        rm.model(mx.array([list(seqs[0][:L])]), cache=cache)
+        mx.eval([(c.keys, c.values) for c in cache])
+        for c in cache:
+            c.expand(len(seqs))
+        tokens, lengths = pad_right([s[L:] for s in seqs], pad_id)
+        h = rm.model(tokens, cache=cache)  # (K, T, dim) for positions L .. L+T-1
+        last = h[mx.arange(h.shape[0]), lengths - 1]
+        r = rm.score(last.astype(rm.score.weight.dtype))[:, 0].astype(mx.float32)
+        return r.tolist()
+    finally:
+        rm.train(was_training)
+
+
+def score_responses(rm: RewardModel, tokenizer, prompts: Sequence[Sequence[dict]],
+                    responses: Sequence[str], *, batch_size: int = 16,
+                    max_len: Optional[int] = None) -> list[float]:
+    """The reward of each (prompt messages, response text) pair of the two lists."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    max_len = max_len or rm.args.max_seq_len
+    seqs = [encode_response(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
+    return score_sequences(rm, seqs, batch_size=batch_size)
+
+
+def evaluate(rm: RewardModel, pairs: Sequence[EncodedPair], *, batch_size: int = 16) -> RewardMetrics:
+    """``RewardMetrics`` of ``rm`` on encoded pairs."""
+    n = len(pairs)
+    if n == 0:
+        raise Llama2Error("no held-out pairs to evaluate")
+    r = score_sequences(rm, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                        batch_size=batch_size)
+    return metrics_from_rewards(r[:n], r[n:], [p.margin for p in pairs], [p.rating for p in pairs])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _base_ref(base_model) -> str:
+    p = Path(str(base_model)).expanduser()
+    return str(p.resolve()) if p.exists() else str(base_model)
+
+
+def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: str = "lora",
+                      lora_config=None, extra: Optional[dict] = None) -> Path:
+    """Write the reward model folder: the head (``head.safetensors``), the backbone update
+    (LoRA: ``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format; full:
+    ``backbone.safetensors``) and ``reward_config.json`` (base model, type, ``extra``),
+    each file atomically, the config last."""
+    from .checkpoint import save_safetensors_atomic, write_json_atomic
+    from mlx.utils import tree_flatten
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if fine_tune_type == "lora":
+        from .lora import save_adapters
+
+        if lora_config is None:
+            raise ValueError("a LoRA reward model needs its LoRAConfig")
+        save_adapters(rm, out, lora_config)
+    elif fine_tune_type == "full":
+        backbone = {k: v for k, v in tree_flatten(rm.parameters()) if k.startswith("model.")}
+        save_safetensors_atomic(out / BACKBONE_NAME, backbone)
+    else:
+        raise Llama2Error(f"fine_tune_type must be lora or full, not {fine_tune_type!r}")
+    save_safetensors_atomic(out / HEAD_NAME, {"score.weight": rm.score.weight})
+    config = {"model_type": "llama2_reward_model", "base_model": _base_ref(base_model),
+              "fine_tune_type": fine_tune_type, "dim": rm.args.dim, **(extra or {})}
+    write_json_atomic(out / CONFIG_NAME, config)
+    return out
+
+
+def read_reward_config(path) -> dict:
+    """The ``reward_config.json`` of a reward model folder."""
+    f = Path(path) / CONFIG_NAME
+    try:
+        config = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise Llama2Error(f"{path}: not a reward model folder (no {CONFIG_NAME})") from None
+    except json.JSONDecodeError as e:
+        raise Llama2Error(f"{f} line {e.lineno}: invalid JSON ({e.msg})") from None
+    for key in ("base_model", "fine_tune_type"):
+        if key not in config:
+            raise Llama2Error(f"{f}: has no {key!r}")
+    return config
+
+
+def load_reward_model(path, *, dtype=None, base_model=None):
+    """``(reward model, tokenizer)`` from a folder written by ``save_reward_model``; the base
+    weights come from the recorded ``base_model`` (or ``base_model`` given here)."""
+    from .loader import load
+
+    path = Path(path)
+    config = read_reward_config(path)
+    policy, tokenizer = load(base_model or config["base_model"], dtype=dtype)
+    rm = RewardModel.from_policy(policy)
+    if rm.args.dim != config.get("dim", rm.args.dim):
+        raise Llama2Error(f"{path}: made for dim {config['dim']}, the base model has {rm.args.dim}")
+    if config["fine_tune_type"] == "lora":
+        from .lora import load_adapters
+
+        load_adapters(rm, path)
+    else:
+        _load_checked(rm, path / BACKBONE_NAME, prefix="model.")
+    _load_checked(rm, path / HEAD_NAME, prefix="score.")
+    rm.score.weight = rm.score.weight.astype(mx.float32)
+    rm.eval()
+    mx.eval(rm.parameters())
+    return rm, tokenizer
+
+
+def _load_checked(rm: RewardModel, file: Path, prefix: str) -> None:
+    from mlx.utils import tree_flatten
+
+    try:
+        weights = mx.load(str(file))
+    except FileNotFoundError:
+        raise Llama2Error(f"{file}: not found") from None
+    except (RuntimeError, ValueError) as e:
+        raise Llama2Error(f"{file}: unreadable ({e})") from None
+    params = {k: v for k, v in tree_flatten(rm.parameters()) if k.startswith(prefix)}
+    for name, w in weights.items():
+        if name not in params:
+            raise Llama2Error(f"{file}: tensor {name} is not a parameter of the reward model")
+        if tuple(w.shape) != tuple(params[name].shape):
+            raise Llama2Error(f"{file}: tensor {name} has shape {tuple(w.shape)}, "
+                              f"the model expects {tuple(params[name].shape)}")
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise Llama2Error(f"{file}: missing tensor {missing[0]} ({len(missing)} missing)")
+    rm.load_weights(list(weights.items()), strict=False)
