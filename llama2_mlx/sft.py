@@ -225,6 +225,8 @@ def _data_file(opts: SFTOptions, split: str) -> Optional[Path]:
         return p
     if opts.data is None:
         return None
+    if not Path(opts.data).is_dir():
+        raise Llama2Error(f"--data: {opts.data} is not a folder")
     p = Path(opts.data) / f"{split}.jsonl"
     return p if p.exists() else None
 

@@ -254,3 +254,5 @@ def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
     r = runner.invoke(app, common + ["--iters", "1"])
     assert r.exit_code == 2
     assert "train.jsonl line 2: invalid JSON" in r.output and len(r.output.strip().splitlines()) == 1
+    r = runner.invoke(app, ["lora-train", "--model", str(model_dir), "--data", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "--data:" in r.output and "is not a folder" in r.output
