@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import DType, cli_errors, dtype_name, eprint
-from llama2_mlx.errors import Llama2Error
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo model)."
@@ -29,13 +28,10 @@ KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N toke
 
 def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
     if model is None:
-        try:
-            from llama2_mlx.demo import default_model_path
-        except ImportError as e:
-            if e.name not in (None, "llama2_mlx.demo"):
-                raise
-            raise Llama2Error("no bundled demo model yet: pass --model PATH_OR_REPO") from None
+        from llama2_mlx.demo import DEMO_NOTE, default_model_path
+
         model = default_model_path()
+        eprint(DEMO_NOTE)
     from llama2_mlx.loader import load
 
     return load(model, dtype=dtype_name(dtype), adapter_path=adapter_path)

@@ -1,5 +1,3 @@
-import sys
-import types
 
 from typer.testing import CliRunner
 
@@ -42,15 +40,23 @@ def test_generate_bad_option_is_a_one_line_error(model_dir):
         "error: top_p must be in (0, 1], got 1.5"]
 
 
-def test_missing_model_falls_back_to_the_demo_model(model_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "llama2_mlx.demo", None)  # not written yet
+def test_missing_model_falls_back_to_the_demo_model_with_a_note(model_dir, monkeypatch):
+    import llama2_mlx.demo as demo
+
+    monkeypatch.setattr(demo, "default_model_path", lambda: model_dir)
+    for cmd, extra in (("generate", ["-p", "x"]), ("chat", [])):
+        r = runner.invoke(app, [cmd, *extra, "--max-tokens", "2"], input="hi\n/quit\n")
+        assert r.exit_code == 0, r.stderr
+        assert demo.DEMO_NOTE in r.stderr and "--model" in demo.DEMO_NOTE
+
+
+def test_missing_demo_assets_is_a_one_line_error(monkeypatch, tmp_path):
+    import llama2_mlx.demo as demo
+
+    monkeypatch.setattr(demo, "ASSETS", tmp_path)
     r = runner.invoke(app, ["generate", "-p", "x"])
     assert r.exit_code == 2 and "pass --model" in r.stderr
-    demo = types.ModuleType("llama2_mlx.demo")
-    demo.default_model_path = lambda: model_dir
-    monkeypatch.setitem(sys.modules, "llama2_mlx.demo", demo)
-    r = runner.invoke(app, ["generate", "-p", "x", "--max-tokens", "2"])
-    assert r.exit_code == 0, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_chat_keeps_history_and_handles_reset_and_quit(model_dir, tok, monkeypatch):
