@@ -1,4 +1,3 @@
-
 from typer.testing import CliRunner
 
 import llama2_mlx.generate as gen
