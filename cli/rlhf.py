@@ -157,6 +157,7 @@ def rs_loop(
     lr: Annotated[Optional[float], opt("Fine-tune peak learning rate (default: 1e-4).")] = None,
     epochs: EpochsOpt = None, iters: ItersOpt = None,
     batch_size: Annotated[Optional[int], opt("Fine-tune rows per micro-batch (default: 4).")] = None,
+    max_seq_length: Annotated[Optional[int], opt("Fine-tune row length in tokens (default: 2048).")] = None,
     rank: Annotated[Optional[int], opt("LoRA rank of new adapters (default: 8).", _P)] = None,
     seed: SeedOpt = 0, dtype: DTypeOpt = None, no_progress: NoProgress = False,
 ) -> None:
@@ -165,7 +166,8 @@ def rs_loop(
     from llama2_mlx.sft import SFTOptions
 
     cli = dict(lr=lr if lr is not None or sft_config else 1e-4, epochs=epochs, iters=iters,
-               batch_size=batch_size, rank=rank, seed=seed, progress=not no_progress)
+               batch_size=batch_size, max_seq_length=max_seq_length, rank=rank, seed=seed,
+               progress=not no_progress)
     sft = SFTOptions.resolve(cli, config_file=sft_config)
     config = RSLoopConfig(iterations, RSConfig(k, _gen(temp, top_p, top_k, max_tokens, seed)), sft)
     for s in rs_loop_files(model, reward_model, prompts, out, config, adapter_path=adapter_path,

@@ -1,0 +1,123 @@
+"""``llama2 demo``: data, prompts and scoring for the walkthrough (docs/walkthrough.md)
+with the bundled demo model."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import cli_errors, eprint
+
+demo_app = typer.Typer(
+    help="The walkthrough's helpers for the bundled demo model: new-skill data, preference "
+         "pairs, prompts and greedy accuracy.",
+    no_args_is_help=True,
+)
+
+_SKILLS = "next, double or subtract"
+_TASKS = "add, count, spell, reverse, convert or capital"
+OutDir = Annotated[str, typer.Option("--out", "-o", help="Output folder.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (which questions are drawn).")]
+NamesOpt = Annotated[Optional[str], typer.Option(
+    "--tasks", help=f"Comma-separated bundled tasks ({_TASKS}) and/or new skills ({_SKILLS}).")]
+
+
+def _names(names: Optional[str], default: tuple[str, ...]) -> list[str]:
+    return [x.strip() for x in names.split(",") if x.strip()] if names else list(default)
+
+
+@cli_errors
+def path() -> None:
+    """Print the bundled demo model's folder (for --model where a command needs one)."""
+    from llama2_mlx import demo
+
+    typer.echo(str(demo.default_model_path()))
+
+
+@cli_errors
+def data(
+    skill: Annotated[str, typer.Option(help=f"New skill: {_SKILLS} (or a bundled task).")],
+    out: OutDir,
+    n: Annotated[int, typer.Option(help="Training examples of the skill (train.jsonl).")] = 400,
+    n_eval: Annotated[int, typer.Option(help="Held-out examples in each of valid.jsonl and test.jsonl.")] = 40,
+    replay: Annotated[float, typer.Option(help="Share of train.jsonl taken from the bundled tasks, so that they are not forgotten.")] = 0.5,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write lora-train data (train/valid/test.jsonl, Llama 2 chat messages) for a skill."""
+    from llama2_mlx.demo.skills import write_skill_data
+
+    counts = write_skill_data(skill, out, n=n, n_eval=n_eval, replay=replay, seed=seed)
+    old = counts.pop("replay")
+    typer.echo(f"wrote {', '.join(f'{f} ({c})' for f, c in counts.items())} to {out} "
+               f"(train.jsonl: {counts['train.jsonl'] - old} {skill}, {old} bundled-task replay)")
+
+
+@cli_errors
+def pairs(
+    out: OutDir, tasks: NamesOpt = None,
+    n: Annotated[int, typer.Option(help="Training pairs per task (train.jsonl).")] = 100,
+    n_valid: Annotated[int, typer.Option(help="Held-out pairs per task (valid.jsonl).")] = 20,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write reward-train pairs: the right answer (chosen) against a wrong one (rejected)."""
+    from llama2_mlx.demo.skills import DEFAULT_PAIR_NAMES, write_pairs
+
+    counts = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid, seed=seed)
+    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in counts.items())} to {out}")
+
+
+@cli_errors
+def prompts(
+    out: Annotated[str, typer.Option("--out", "-o", help="Output JSONL file.")],
+    tasks: NamesOpt = None,
+    n: Annotated[int, typer.Option(help="Distinct questions per task.")] = 32,
+    split: Annotated[str, typer.Option(help="Question split: heldout or train.")] = "heldout",
+    seed: SeedOpt = 0,
+) -> None:
+    """Write prompts (JSONL) for rejection-sample and rs-loop."""
+    from llama2_mlx.demo.skills import write_prompts
+    from llama2_mlx.demo.tasks import TASKS
+
+    count = write_prompts(out, _names(tasks, TASKS), n=n, seed=seed, split=split)
+    typer.echo(f"wrote {count} prompts to {out}")
+
+
+@cli_errors
+def eval_(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or hub id (default: the bundled demo model).")] = None,
+    adapter_path: Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")] = None,
+    skill: Annotated[Optional[str], typer.Option(help=f"New skill to score: {_SKILLS}.")] = None,
+    task: Annotated[Optional[str], typer.Option(help=f"Bundled task to score: {_TASKS}.")] = None,
+    n: Annotated[int, typer.Option(help="Distinct held-out questions.")] = 64,
+    show: Annotated[int, typer.Option(help="Answers to print.")] = 3,
+    seed: SeedOpt = 0,
+) -> None:
+    """Greedy accuracy on held-out questions, checked automatically (exact match)."""
+    from llama2_mlx.demo.skills import evaluate_model
+    from llama2_mlx.errors import Llama2Error
+
+    if (skill is None) == (task is None):
+        raise Llama2Error("give one of --skill or --task")
+    result = evaluate_model(model, skill or task, adapter_path=adapter_path, n=n, seed=seed)
+    for question, answer, output, ok in result.rows[:show]:
+        eprint(f"{question} -> {output.strip()!r} " + ("right" if ok else f"wrong (want {answer!r})"))
+    typer.echo(result.summary())
+
+
+@cli_errors
+def check(
+    data: Annotated[str, typer.Option(help="JSONL of answers: dialogs ending with the answer (lora-train data, rejection-sample winners) or prompt + response.")],
+) -> None:
+    """Check the answers of a JSONL file with the automatic checkers (accuracy per task)."""
+    from llama2_mlx.demo.skills import check_file
+
+    for name, (right, n) in check_file(data).items():
+        typer.echo(f"{name}: accuracy {right / n:.3f} ({right}/{n})")
+
+
+def register(app: typer.Typer) -> None:
+    for name, fn in (("path", path), ("data", data), ("pairs", pairs), ("prompts", prompts),
+                     ("eval", eval_), ("check", check)):
+        demo_app.command(name)(fn)
+    app.add_typer(demo_app, name="demo")

@@ -1,0 +1,367 @@
+"""The walkthrough's data and scoring: new skills for the bundled demo model, preference
+pairs, prompt files and greedy accuracy (``llama2 demo ...``).
+
+A *skill* is a small question type the demo model was never trained on (``SKILLS``),
+built like the tasks of ``llama2_mlx.demo.tasks``: a fixed question space split once
+(by ``tasks.SPLIT_SEED``) into training and held-out questions, questions drawn from a
+split by a seed, and a checker that recomputes the answer from the question text.
+Every function here takes the name of a skill or of a bundled task
+(``tasks.TASKS``), so the same calls make and score data for both:
+
+* ``write_skill_data``: ``lora-train`` JSONL (train / valid / test) for a skill;
+* ``write_pairs``: ``reward-train`` preference pairs, a right answer against a wrong
+  one (``wrong_answer``), the valid split from held-out questions;
+* ``write_prompts``: prompts for ``rejection-sample`` and ``rs-loop``;
+* ``evaluate``: greedy accuracy (``batch_generate``, exact match after strip).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from llama2_mlx.demo import tasks as T
+from llama2_mlx.errors import Llama2Error
+
+# ----------------------------------------------------------------------------- skills
+
+
+@dataclass(frozen=True)
+class Skill:
+    """A question type: ``templates`` filled from one item of ``items`` (a tuple of
+    numbers named ``fields``), answered by ``answer(*item)``."""
+
+    name: str
+    description: str
+    fields: tuple[str, ...]
+    items: Callable[[], list[tuple[int, ...]]]
+    answer: Callable[..., int]
+    templates: tuple[str, ...]
+    heldout_share: float = 0.2
+
+
+SKILLS: dict[str, Skill] = {s.name: s for s in (
+    Skill("next", "the number after n, 0 <= n <= 98", ("n",),
+          lambda: [(n,) for n in range(99)], lambda n: n + 1,
+          ("What number comes after {n}?", "What is the next number after {n}?",
+           "Which number follows {n}?")),
+    Skill("double", "twice n, 0 <= n <= 99", ("n",),
+          lambda: [(n,) for n in range(100)], lambda n: 2 * n,
+          ("Double {n}.", "What is twice {n}?", "What is {n} doubled?")),
+    Skill("subtract", "a - b, 0 <= b <= a <= 99", ("a", "b"),
+          lambda: [(a, b) for a in range(100) for b in range(a + 1)], lambda a, b: a - b,
+          ("What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}."),
+          heldout_share=T.HELDOUT_SHARE),
+)}
+
+NAMES = tuple(SKILLS) + T.TASKS
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a skill or a bundled task, else a ``Llama2Error`` listing them."""
+    if name not in SKILLS and name not in T.TASKS:
+        raise Llama2Error(f"unknown skill or task {name!r} (skills: {', '.join(SKILLS)}; "
+                          f"bundled tasks: {', '.join(T.TASKS)})")
+    return name
+
+
+_SPLITS: dict[str, dict[str, list]] = {}
+
+
+def skill_split(skill: Skill, split: str) -> list[tuple[int, ...]]:
+    """The items of ``split`` ("train" or "heldout"): fixed by ``tasks.SPLIT_SEED``."""
+    if skill.name not in _SPLITS:
+        items = skill.items()
+        order = list(range(len(items)))
+        random.Random(f"{T.SPLIT_SEED}:skill:{skill.name}").shuffle(order)
+        held = set(order[: max(1, round(skill.heldout_share * len(items)))])
+        _SPLITS[skill.name] = {
+            "train": [x for i, x in enumerate(items) if i not in held],
+            "heldout": [x for i, x in enumerate(items) if i in held],
+        }
+    return _SPLITS[skill.name][split]
+
+
+def _regexes(skill: Skill) -> list[str]:
+    out = []
+    for t in skill.templates:
+        r = re.escape(t)
+        for name in skill.fields:
+            r = r.replace(re.escape("{" + name + "}"), rf"(?P<{name}>\d+)")
+        out.append(r)
+    return out
+
+
+def solve(name: str, question: str) -> str:
+    """The right answer to ``question`` of a skill or task, computed from its text
+    (ValueError if it cannot be parsed)."""
+    if check_name(name) in T.TASKS:
+        return T.solve(name, question)
+    skill = SKILLS[name]
+    for r in _regexes(skill):
+        m = re.fullmatch(r, question)
+        if m:
+            return str(skill.answer(*(int(m[f]) for f in skill.fields)))
+    raise ValueError(f"{name}: cannot parse question {question!r}")
+
+
+def check(name: str, question: str, prediction: str) -> bool:
+    """Whether ``prediction`` answers ``question`` (exact match after strip)."""
+    return prediction.strip() == solve(name, question)
+
+
+def examples(name: str, n: int, seed: int, split: str = "train",
+             unique: bool = False) -> list[T.Example]:
+    """``n`` questions of a skill or task from ``split`` (deterministic in ``seed``);
+    ``unique``: distinct questions, at most as many as the split holds."""
+    if check_name(name) in T.TASKS:
+        return T.make_examples(name, n, seed, split, unique=unique)
+    if split not in T.SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    skill = SKILLS[name]
+    pool = skill_split(skill, split)
+    if unique:
+        questions = [(t, x) for x in pool for t in skill.templates]
+        random.Random(f"{seed}:{name}:{split}").shuffle(questions)
+        chosen = questions[:n]
+    else:
+        rng = random.Random(f"{seed}:{name}:{split}")
+        chosen = [(rng.choice(skill.templates), rng.choice(pool)) for _ in range(n)]
+    return [T.Example(name, t.format(**dict(zip(skill.fields, x))), str(skill.answer(*x)))
+            for t, x in chosen]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: float = 0.5,
+                     seed: int = 0) -> dict[str, int]:
+    """``lora-train`` data for a skill (or task) in folder ``out``: ``train.jsonl`` and
+    ``valid.jsonl`` / ``test.jsonl`` (``n_eval`` distinct held-out questions each, never
+    seen in training), as ``{"messages": [user, assistant]}`` Llama 2 chat records.
+
+    ``train.jsonl`` holds ``n`` training-split questions of ``name`` plus, mixed in, a
+    ``replay`` share of questions of the bundled tasks (their training split, evenly
+    spread): fine-tuning a small model on the new skill alone makes it forget the old
+    ones. Returns the records per file (and the replayed ones under ``"replay"``).
+    """
+    check_name(name)
+    if n < 1 or n_eval < 1:
+        raise Llama2Error("--n and --n-eval must be at least 1")
+    if not 0.0 <= replay < 1.0:
+        raise Llama2Error(f"--replay must be in [0, 1), got {replay}")
+    held = examples(name, 2 * n_eval, seed, "heldout", unique=True)
+    if len(held) < 2:
+        raise Llama2Error(f"{name}: too few held-out questions")
+    half = min(n_eval, len(held) // 2)
+    n_old = round(n * replay / (1 - replay))
+    old = [e for i, task in enumerate(T.TASKS)
+           for e in T.make_examples(task, n_old // len(T.TASKS)
+                                    + (i < n_old % len(T.TASKS)), seed, "train")]
+    train = examples(name, n, seed, "train") + old
+    random.Random(f"{seed}:{name}:replay").shuffle(train)
+    files = {"train": train, "valid": held[:half], "test": held[half : 2 * half]}
+    out = Path(out)
+    for split, exs in files.items():
+        _write_jsonl(out / f"{split}.jsonl", [{"messages": T.to_messages(e)} for e in exs])
+    return {f"{split}.jsonl": len(exs) for split, exs in files.items()} | {"replay": len(old)}
+
+
+def _near_number(answer: str, rng: random.Random) -> tuple[str, str]:
+    n = int(answer)
+    delta = rng.choice((-2, -1, 1, 2, -10, 10, rng.randint(3, 40)))
+    wrong = n + delta if n + delta >= 0 else n + abs(delta)
+    return str(wrong), "significantly_better" if abs(wrong - n) >= 10 else "better"
+
+
+def _misspell(letters: str, rng: random.Random) -> str:
+    w = letters.split(" ")
+    i = rng.randrange(len(w))
+    kind = rng.choice(("drop", "double", "swap", "change"))
+    if kind == "drop" and len(w) > 1:
+        w = w[:i] + w[i + 1:]
+    elif kind == "swap" and len(w) > 1 and len(set(w)) > 1:
+        while True:
+            i = rng.randrange(len(w) - 1)
+            if w[i] != w[i + 1]:
+                break
+        w[i], w[i + 1] = w[i + 1], w[i]
+    elif kind == "change":
+        w[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != w[i]])
+    else:
+        w.insert(i, w[i])
+    return " ".join(w)
+
+
+def wrong_answer(ex: T.Example, rng: random.Random) -> tuple[str, str]:
+    """A wrong answer to ``ex`` and how much better the right one is (a rating of
+    ``reward.RATINGS``): numbers off by a little ("better") or by 10 or more
+    ("significantly_better"), a letter dropped, doubled, swapped or changed ("better"),
+    the word spelt the wrong way round or another country's capital
+    ("significantly_better")."""
+    for _ in range(100):
+        if ex.task in ("spell", "reverse"):
+            if rng.random() < 0.25 and ex.answer != ex.answer[::-1]:
+                wrong, rating = ex.answer[::-1], "significantly_better"
+            else:
+                wrong, rating = _misspell(ex.answer, rng), "better"
+        elif ex.task == "capital":
+            wrong, rating = rng.choice(T.CAPITALS)[1], "significantly_better"
+        else:
+            wrong, rating = _near_number(ex.answer, rng)
+        if wrong != ex.answer:
+            return wrong, rating
+    raise ValueError(f"no wrong answer found for {ex}")
+
+
+def pair_records(names: Sequence[str], n: int, seed: int, split: str) -> list[dict]:
+    """``n`` preference pairs per skill or task of ``names`` from ``split``, shuffled:
+    ``{"prompt", "chosen", "rejected", "rating", "task"}``."""
+    rng = random.Random(f"{seed}:pairs:{split}")
+    records = []
+    for name in names:
+        for ex in examples(name, n, seed, split, unique=split == "heldout"):
+            wrong, rating = wrong_answer(ex, rng)
+            records.append({"prompt": ex.question, "chosen": ex.answer, "rejected": wrong,
+                            "rating": rating, "task": name})
+    rng.shuffle(records)
+    return records
+
+
+DEFAULT_PAIR_NAMES = T.TASKS
+
+
+def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
+                n_valid: int = 20, seed: int = 0) -> dict[str, int]:
+    """``reward-train`` data in folder ``out``: ``train.jsonl`` (``n`` pairs per skill or
+    task of ``names``, training-split questions) and ``valid.jsonl`` (``n_valid`` pairs
+    each, held-out questions): the checker's right answer is chosen over a wrong one
+    (see ``wrong_answer``). Returns the pairs per file."""
+    names = [check_name(x) for x in names]
+    if not names:
+        raise Llama2Error("no skills or tasks to make pairs of")
+    if n < 1 or n_valid < 1:
+        raise Llama2Error("--n and --n-valid must be at least 1")
+    files = {"train.jsonl": pair_records(names, n, seed, "train"),
+             "valid.jsonl": pair_records(names, n_valid, seed, "heldout")}
+    for file, records in files.items():
+        _write_jsonl(Path(out) / file, records)
+    return {file: len(records) for file, records in files.items()}
+
+
+def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
+                  split: str = "heldout") -> int:
+    """``n`` distinct questions per skill or task of ``names`` from ``split`` as JSONL
+    ``{"prompt", "task"}`` lines (the input of ``rejection-sample`` and ``rs-loop``).
+    Returns the number of prompts."""
+    names = [check_name(x) for x in names]
+    if not names:
+        raise Llama2Error("no skills or tasks to write prompts for")
+    if split not in T.SPLITS:
+        raise Llama2Error(f"--split must be one of {', '.join(T.SPLITS)}, not {split!r}")
+    records = [{"prompt": e.question, "task": name} for name in names
+               for e in examples(name, n, seed, split, unique=True)]
+    _write_jsonl(Path(out), records)
+    return len(records)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class EvalResult:
+    """Greedy accuracy of a model on ``n`` questions of a skill or task."""
+
+    name: str
+    split: str
+    right: int
+    n: int
+    rows: list[tuple[str, str, str, bool]] = field(default_factory=list)  # q, answer, output, ok
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.n if self.n else 0.0
+
+    def summary(self) -> str:
+        return f"{self.name} ({self.split}): accuracy {self.accuracy:.3f} ({self.right}/{self.n})"
+
+
+def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
+             split: str = "heldout", batch_size: int = 32, max_tokens: int = 32) -> EvalResult:
+    """Greedy answers (chat format, ``batch_generate``) to ``n`` distinct questions of
+    ``split``, scored by the checker (exact match after strip)."""
+    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+
+    check_name(name)
+    if n < 1 or batch_size < 1:
+        raise Llama2Error("--n and --batch-size must be at least 1")
+    exs = examples(name, n, seed, split, unique=True)
+    config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
+    outputs: list[str] = []
+    for i in range(0, len(exs), batch_size):
+        chunk = exs[i : i + batch_size]
+        ids = [prompt_ids(tokenizer, e.question, chat=True) for e in chunk]
+        outputs += [tokenizer.decode(x) for x in batch_generate(model, tokenizer, ids, config)]
+    rows = [(e.question, e.answer, o, check(name, e.question, o)) for e, o in zip(exs, outputs)]
+    return EvalResult(name, split, sum(ok for *_, ok in rows), len(rows), rows)
+
+
+def evaluate_model(model_path=None, name: str = "next", *, adapter_path=None,
+                   **kwargs) -> EvalResult:
+    """``evaluate`` on a model folder or hub id (default: the bundled demo model)
+    with optional LoRA adapters."""
+    from llama2_mlx import demo
+    from llama2_mlx.loader import load
+
+    check_name(name)
+    model, tokenizer = load(model_path if model_path is not None else demo.default_model_path(),
+                            adapter_path=adapter_path)
+    return evaluate(model, tokenizer, name, **kwargs)
+
+
+def task_of(question: str) -> Optional[str]:
+    """The skill or bundled task whose checker parses ``question`` (None: no such one)."""
+    for name in NAMES:
+        try:
+            solve(name, question)
+            return name
+        except ValueError:
+            continue
+    return None
+
+
+def check_file(path) -> dict[str, tuple[int, int]]:
+    """Checked answers of a JSONL file of dialogs ending with the answer (``lora-train``
+    data, the winners of ``rejection-sample``) or ``{"prompt", "response"}`` records:
+    (right, total) per skill or task, found from the question's form."""
+    from llama2_mlx.data import read_jsonl
+
+    counts: dict[str, list[int]] = {}
+    for line, rec in read_jsonl(path):
+        msgs = rec.get("messages")
+        if isinstance(msgs, list) and len(msgs) >= 2 and msgs[-1].get("role") == "assistant":
+            question, answer = msgs[-2].get("content"), msgs[-1].get("content")
+        else:
+            question, answer = rec.get("prompt"), rec.get("response", rec.get("completion"))
+        if not isinstance(question, str) or not isinstance(answer, str):
+            raise Llama2Error(f"{path} line {line}: needs 'messages' ending with the answer, "
+                              "or a 'prompt' and a 'response'")
+        name = task_of(question)
+        if name is None:
+            raise Llama2Error(f"{path} line {line}: no checker for {question!r}")
+        c = counts.setdefault(name, [0, 0])
+        c[0] += check(name, question, answer)
+        c[1] += 1
+    return {name: (right, n) for name, (right, n) in counts.items()}

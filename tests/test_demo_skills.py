@@ -1,0 +1,119 @@
+"""The walkthrough's data helpers (llama2_mlx.demo.skills, ``llama2 demo``)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from llama2_mlx.demo import skills as S
+from llama2_mlx.demo import tasks as T
+from llama2_mlx.errors import Llama2Error
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", list(S.SKILLS))
+def test_skill_splits_are_disjoint_and_the_checker_recomputes_answers(name):
+    skill = S.SKILLS[name]
+    train, held = S.skill_split(skill, "train"), S.skill_split(skill, "heldout")
+    assert held and not set(train) & set(held)
+    assert sorted(train + held) == sorted(skill.items())
+    train_q = {e.question for e in S.examples(name, 2000, seed=0)}
+    held_ex = S.examples(name, 10_000, seed=0, split="heldout", unique=True)
+    assert len(held_ex) == len(held) * len(skill.templates)
+    assert not train_q & {e.question for e in held_ex}
+    for e in held_ex[:200]:
+        assert S.check(name, e.question, f" {e.answer}\n")
+        assert not S.check(name, e.question, e.answer + "0")
+
+
+def test_skills_are_new_to_the_bundled_tasks():
+    questions = [e.question for e in S.examples("next", 50, 0) + S.examples("double", 50, 0)]
+    for q in questions:
+        for task in T.TASKS:
+            with pytest.raises(ValueError):
+                T.solve(task, q)
+
+
+def test_checker_examples():
+    assert S.solve("next", "What number comes after 19?") == "20"
+    assert S.solve("double", "What is twice 45?") == "90"
+    assert S.solve("subtract", "Subtract 7 from 30.") == "23"
+    assert S.check("add", "What is 2 + 3?", "5")  # bundled tasks go to tasks.check
+    with pytest.raises(ValueError):
+        S.solve("next", "What number comes before 19?")
+    with pytest.raises(Llama2Error, match="unknown skill or task"):
+        S.examples("nope", 3, 0)
+
+
+def test_wrong_answers_are_wrong():
+    rng = random.Random(0)
+    for name in S.NAMES:
+        for e in S.examples(name, 60, seed=1):
+            wrong, rating = S.wrong_answer(e, rng)
+            assert not S.check(name, e.question, wrong), (e, wrong)
+            assert rating in ("better", "significantly_better")
+
+
+def _solves(task, question):
+    try:
+        T.solve(task, question)
+        return True
+    except ValueError:
+        return False
+
+
+def test_written_files_are_what_the_commands_read(tmp_path, tok):
+    from llama2_mlx.data import load_samples
+    from llama2_mlx.reward import load_reward_data
+    from llama2_mlx.rejection import read_prompts
+
+    assert S.write_skill_data("next", tmp_path / "d", n=20, n_eval=5, replay=0.5) == {
+        "train.jsonl": 40, "valid.jsonl": 5, "test.jsonl": 5, "replay": 20}
+    train = [json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "d" / "train.jsonl")]
+    kinds = {next((t for t in T.TASKS if _solves(t, q)), "next") for q in train}
+    assert kinds == set(T.TASKS) | {"next"}
+    for split in ("train", "valid", "test"):
+        for s in load_samples(tmp_path / "d" / f"{split}.jsonl", tok):
+            assert s.num_targets > 0
+    valid = {json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "d" / "valid.jsonl")}
+    test = {json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "d" / "test.jsonl")}
+    assert not valid & test
+
+    assert S.write_pairs(tmp_path / "p", ("add", "spell", "next"), n=10, n_valid=4) == {
+        "train.jsonl": 30, "valid.jsonl": 12}
+    train, held = load_reward_data(tmp_path / "p")
+    assert len(train) == 30 and len(held) == 12
+    assert {p.rating for p in train} <= {"better", "significantly_better"}
+
+    assert S.write_prompts(tmp_path / "q.jsonl", ["reverse", "next"], n=4) == 8
+    prompts = read_prompts(tmp_path / "q.jsonl")
+    assert len(prompts) == 8 and prompts[0][-1]["role"] == "user"
+
+
+def test_demo_commands(tmp_path, model_dir, monkeypatch):
+    from llama2_mlx import demo
+
+    monkeypatch.setattr(demo, "default_model_path", lambda: model_dir)
+    r = runner.invoke(app, ["demo", "path"])
+    assert r.exit_code == 0 and r.stdout.strip() == str(model_dir)
+    r = runner.invoke(app, ["demo", "data", "--skill", "double", "--out", str(tmp_path / "d"),
+                            "--n", "8", "--n-eval", "2", "--replay", "0.2"])
+    assert r.exit_code == 0 and "train.jsonl (10)" in r.stdout, r.stderr
+    assert "8 double, 2 bundled-task replay" in r.stdout
+    r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p"), "--tasks", "add,next",
+                            "--n", "3", "--n-valid", "1"])
+    assert r.exit_code == 0 and "train.jsonl (6 pairs)" in r.stdout, r.stderr
+    r = runner.invoke(app, ["demo", "prompts", "--out", str(tmp_path / "q.jsonl"), "--n", "2"])
+    assert r.exit_code == 0 and f"wrote {2 * len(T.TASKS)} prompts" in r.stdout, r.stderr
+    r = runner.invoke(app, ["demo", "eval", "--skill", "next", "--n", "4", "--show", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("next (heldout): accuracy 0.") and "wrong (want '65')" in r.stderr
+    r = runner.invoke(app, ["demo", "eval", "--skill", "next", "--task", "add"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: give one of --skill or --task"
+    r = runner.invoke(app, ["demo", "data", "--skill", "nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "unknown skill or task 'nope'" in r.stderr
