@@ -189,13 +189,6 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def causal_mask(T: int, offset: int = 0, dtype=mx.bool_) -> mx.array:
-    """(T, offset+T) boolean mask: query i (at position offset+i) sees keys 0..offset+i."""
-    q = mx.arange(offset, offset + T)[:, None]
-    k = mx.arange(offset + T)[None]
-    return k <= q
-
-
 def _checkpointed(layer: nn.Module, h: mx.array, mask) -> mx.array:
     # mx.checkpoint only differentiates its explicit inputs: pass the block's trainable
     # parameters in (captured ones would get zero gradients).
