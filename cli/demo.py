@@ -56,6 +56,8 @@ def data(
 @cli_errors
 def pairs(
     out: OutDir, tasks: NamesOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Take the wrong answers from this model's own samples where it has some (default: made-up ones only).")] = None,
+    k: Annotated[int, typer.Option("-k", help="Samples per question with --model.")] = 4,
     n: Annotated[int, typer.Option(help="Training pairs per task (train.jsonl).")] = 100,
     n_valid: Annotated[int, typer.Option(help="Held-out pairs per task (valid.jsonl).")] = 20,
     seed: SeedOpt = 0,
@@ -63,8 +65,11 @@ def pairs(
     """Write reward-train pairs: the right answer (chosen) against a wrong one (rejected)."""
     from llama2_mlx.demo.skills import DEFAULT_PAIR_NAMES, write_pairs
 
-    counts = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid, seed=seed)
-    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in counts.items())} to {out}")
+    counts = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid,
+                         seed=seed, model=model, k=k)
+    own = counts.pop("from model")
+    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in counts.items())} to {out}; "
+               f"{own} rejected answers are the model's own, {sum(counts.values()) - own} made up")
 
 
 @cli_errors
@@ -89,17 +94,19 @@ def eval_(
     adapter_path: Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")] = None,
     skill: Annotated[Optional[str], typer.Option(help=f"New skill to score: {_SKILLS}.")] = None,
     task: Annotated[Optional[str], typer.Option(help=f"Bundled task to score: {_TASKS}.")] = None,
-    n: Annotated[int, typer.Option(help="Distinct held-out questions.")] = 64,
+    n: Annotated[int, typer.Option(help="Distinct questions.")] = 64,
+    split: Annotated[str, typer.Option(help="Question split: heldout or train.")] = "heldout",
     show: Annotated[int, typer.Option(help="Answers to print.")] = 3,
     seed: SeedOpt = 0,
 ) -> None:
-    """Greedy accuracy on held-out questions, checked automatically (exact match)."""
+    """Greedy accuracy on (held-out) questions, checked automatically (exact match)."""
     from llama2_mlx.demo.skills import evaluate_model
     from llama2_mlx.errors import Llama2Error
 
     if (skill is None) == (task is None):
         raise Llama2Error("give one of --skill or --task")
-    result = evaluate_model(model, skill or task, adapter_path=adapter_path, n=n, seed=seed)
+    result = evaluate_model(model, skill or task, adapter_path=adapter_path, n=n, seed=seed,
+                            split=split)
     for question, answer, output, ok in result.rows[:show]:
         eprint(f"{question} -> {output.strip()!r} " + ("right" if ok else f"wrong (want {answer!r})"))
     typer.echo(result.summary())

@@ -85,7 +85,7 @@ def test_written_files_are_what_the_commands_read(tmp_path, tok):
     assert not valid & test
 
     assert S.write_pairs(tmp_path / "p", ("add", "spell", "next"), n=10, n_valid=4) == {
-        "train.jsonl": 30, "valid.jsonl": 12}
+        "train.jsonl": 30, "valid.jsonl": 12, "from model": 0}
     train, held = load_reward_data(tmp_path / "p")
     assert len(train) == 30 and len(held) == 12
     assert {p.rating for p in train} <= {"better", "significantly_better"}
@@ -93,6 +93,41 @@ def test_written_files_are_what_the_commands_read(tmp_path, tok):
     assert S.write_prompts(tmp_path / "q.jsonl", ["reverse", "next"], n=4) == 8
     prompts = read_prompts(tmp_path / "q.jsonl")
     assert len(prompts) == 8 and prompts[0][-1]["role"] == "user"
+
+
+def test_pairs_take_the_models_own_mistakes(tmp_path, tok, model_dir):
+    from conftest import make_model
+
+    model = make_model()  # random weights: wrong about everything
+    exs = S.examples("next", 5, seed=0)
+    own = S.sampled_wrong_answers(model, tok, exs, k=2, max_tokens=4)
+    assert len(own) == 5
+    for e, w in zip(exs, own):
+        assert w is None or not S.check("next", e.question, w)
+    counts = S.write_pairs(tmp_path, ["next"], n=4, n_valid=2, model=model_dir, k=2)
+    recs = [json.loads(x) for x in open(tmp_path / "train.jsonl")]
+    assert counts["from model"] == sum(r["source"] == "model" for r in recs) + sum(
+        json.loads(x)["source"] == "model" for x in open(tmp_path / "valid.jsonl"))
+    for r in recs:
+        assert not S.check("next", r["prompt"], r["rejected"]) and r["rejected"].strip()
+    # Where every sample is right, the wrong answer is made up.
+    recs = S.pair_records(["next"], 3, 0, "train", sampler=lambda exs: [None] * len(exs))
+    assert {r["source"] for r in recs} == {"made up"}
+
+
+def test_check_file(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "What number comes after 9?"},
+                      {"role": "assistant", "content": "10"}]},
+        {"messages": [{"role": "user", "content": "Spell the word cat."},
+                      {"role": "assistant", "content": "c a"}]},
+        {"prompt": "What is 2 + 2?", "response": " 4"},
+    ]) + "\n")
+    assert S.check_file(path) == {"next": (1, 1), "spell": (0, 1), "add": (1, 1)}
+    path.write_text(json.dumps({"prompt": "Who are you?", "response": "x"}) + "\n")
+    with pytest.raises(Llama2Error, match="no checker"):
+        S.check_file(path)
 
 
 def test_demo_commands(tmp_path, model_dir, monkeypatch):
@@ -108,6 +143,12 @@ def test_demo_commands(tmp_path, model_dir, monkeypatch):
     r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p"), "--tasks", "add,next",
                             "--n", "3", "--n-valid", "1"])
     assert r.exit_code == 0 and "train.jsonl (6 pairs)" in r.stdout, r.stderr
+    assert "0 rejected answers are the model's own, 8 made up" in r.stdout
+    r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p2"), "--tasks", "next",
+                            "--n", "2", "--n-valid", "1", "--model", str(model_dir), "-k", "2"])
+    assert r.exit_code == 0 and "train.jsonl (2 pairs)" in r.stdout, r.stderr
+    r = runner.invoke(app, ["demo", "check", "--data", str(tmp_path / "d" / "train.jsonl")])
+    assert r.exit_code == 0 and "double: accuracy 1.000 (8/8)" in r.stdout, r.stderr
     r = runner.invoke(app, ["demo", "prompts", "--out", str(tmp_path / "q.jsonl"), "--n", "2"])
     assert r.exit_code == 0 and f"wrote {2 * len(T.TASKS)} prompts" in r.stdout, r.stderr
     r = runner.invoke(app, ["demo", "eval", "--skill", "next", "--n", "4", "--show", "1"])

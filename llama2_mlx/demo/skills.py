@@ -8,11 +8,14 @@ split by a seed, and a checker that recomputes the answer from the question text
 Every function here takes the name of a skill or of a bundled task
 (``tasks.TASKS``), so the same calls make and score data for both:
 
-* ``write_skill_data``: ``lora-train`` JSONL (train / valid / test) for a skill;
+* ``write_skill_data``: ``lora-train`` JSONL (train / valid / test) for a skill, with
+  bundled-task examples replayed in the training file;
 * ``write_pairs``: ``reward-train`` preference pairs, a right answer against a wrong
-  one (``wrong_answer``), the valid split from held-out questions;
+  one (a model's own, ``sampled_wrong_answers``, or a made-up one, ``wrong_answer``),
+  the valid split from held-out questions;
 * ``write_prompts``: prompts for ``rejection-sample`` and ``rs-loop``;
-* ``evaluate``: greedy accuracy (``batch_generate``, exact match after strip).
+* ``evaluate``: greedy accuracy (``batch_generate``, exact match after strip);
+* ``check_file``: the checked accuracy of the answers in a JSONL file.
 """
 
 from __future__ import annotations
@@ -226,16 +229,50 @@ def wrong_answer(ex: T.Example, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"no wrong answer found for {ex}")
 
 
-def pair_records(names: Sequence[str], n: int, seed: int, split: str) -> list[dict]:
+def _rating(ex: T.Example, wrong: str) -> str:
+    if ex.answer.isdigit() and wrong.strip().isdigit():
+        return "significantly_better" if abs(int(wrong) - int(ex.answer)) >= 10 else "better"
+    return "better"
+
+
+def sampled_wrong_answers(model, tokenizer, exs: Sequence[T.Example], *, k: int = 4,
+                          temp: float = 1.0, max_tokens: int = 24, seed: int = 0,
+                          batch_size: int = 64) -> list[Optional[str]]:
+    """Per question, a wrong answer among ``k`` of the model's own samples (the first
+    one that the checker rejects; None when all ``k`` were right)."""
+    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+
+    config = GenerationConfig(max_tokens=max_tokens, temp=temp, seed=seed)
+    rows = [e for e in exs for _ in range(k)]
+    texts: list[str] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids = [prompt_ids(tokenizer, e.question, chat=True) for e in chunk]
+        texts += [tokenizer.decode(x).strip() for x in batch_generate(model, tokenizer, ids, config)]
+        config.seed = None  # seeded once, then the stream goes on
+    out = []
+    for j, e in enumerate(exs):
+        wrong = [t for t in texts[j * k : (j + 1) * k] if t and not check(e.task, e.question, t)]
+        out.append(wrong[0] if wrong else None)
+    return out
+
+
+def pair_records(names: Sequence[str], n: int, seed: int, split: str, *,
+                 sampler: Optional[Callable] = None) -> list[dict]:
     """``n`` preference pairs per skill or task of ``names`` from ``split``, shuffled:
-    ``{"prompt", "chosen", "rejected", "rating", "task"}``."""
+    ``{"prompt", "chosen", "rejected", "rating", "task", "source"}``. The rejected answer
+    is a wrong one of ``sampler(examples)`` (the model's own, see
+    ``sampled_wrong_answers``) where it gave one, else a made-up one (``wrong_answer``)."""
     rng = random.Random(f"{seed}:pairs:{split}")
     records = []
     for name in names:
-        for ex in examples(name, n, seed, split, unique=split == "heldout"):
-            wrong, rating = wrong_answer(ex, rng)
+        exs = examples(name, n, seed, split, unique=split == "heldout")
+        sampled = sampler(exs) if sampler is not None else [None] * len(exs)
+        for ex, own in zip(exs, sampled):
+            wrong, rating = (own, _rating(ex, own)) if own else wrong_answer(ex, rng)
             records.append({"prompt": ex.question, "chosen": ex.answer, "rejected": wrong,
-                            "rating": rating, "task": name})
+                            "rating": rating, "task": name,
+                            "source": "model" if own else "made up"})
     rng.shuffle(records)
     return records
 
@@ -244,21 +281,32 @@ DEFAULT_PAIR_NAMES = T.TASKS
 
 
 def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
-                n_valid: int = 20, seed: int = 0) -> dict[str, int]:
+                n_valid: int = 20, seed: int = 0, model=None, k: int = 4) -> dict[str, int]:
     """``reward-train`` data in folder ``out``: ``train.jsonl`` (``n`` pairs per skill or
     task of ``names``, training-split questions) and ``valid.jsonl`` (``n_valid`` pairs
-    each, held-out questions): the checker's right answer is chosen over a wrong one
-    (see ``wrong_answer``). Returns the pairs per file."""
+    each, held-out questions): the checker's right answer is chosen over a wrong one,
+    with ``model`` (a model folder or hub id) one of its own ``k`` samples where it got the question wrong (the
+    mistakes a reward model must catch), else a made-up one (see ``wrong_answer``).
+    Returns the pairs per file and, under ``"from model"``, how many rejected answers
+    are the model's."""
     names = [check_name(x) for x in names]
     if not names:
         raise Llama2Error("no skills or tasks to make pairs of")
-    if n < 1 or n_valid < 1:
-        raise Llama2Error("--n and --n-valid must be at least 1")
-    files = {"train.jsonl": pair_records(names, n, seed, "train"),
-             "valid.jsonl": pair_records(names, n_valid, seed, "heldout")}
+    if n < 1 or n_valid < 1 or k < 1:
+        raise Llama2Error("--n, --n-valid and -k must be at least 1")
+    sampler = None
+    if model is not None:
+        from llama2_mlx.loader import load
+
+        net, tokenizer = load(model)
+        sampler = lambda exs: sampled_wrong_answers(net, tokenizer, exs, k=k, seed=seed)  # noqa: E731
+    files = {"train.jsonl": pair_records(names, n, seed, "train", sampler=sampler),
+             "valid.jsonl": pair_records(names, n_valid, seed, "heldout", sampler=sampler)}
     for file, records in files.items():
         _write_jsonl(Path(out) / file, records)
-    return {file: len(records) for file, records in files.items()}
+    counts = {file: len(records) for file, records in files.items()}
+    counts["from model"] = sum(r["source"] == "model" for rs in files.values() for r in rs)
+    return counts
 
 
 def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
@@ -305,6 +353,8 @@ def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
     from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
 
     check_name(name)
+    if split not in T.SPLITS:
+        raise Llama2Error(f"--split must be one of {', '.join(T.SPLITS)}, not {split!r}")
     if n < 1 or batch_size < 1:
         raise Llama2Error("--n and --batch-size must be at least 1")
     exs = examples(name, n, seed, split, unique=True)
