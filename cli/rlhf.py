@@ -138,7 +138,7 @@ def rejection_sample(
     config = RSConfig(k=k, generation=_gen(temp, top_p, top_k, max_tokens, seed))
     report = rejection_sample_files(model, reward_model, prompts, out, config,
                                     adapter_path=adapter_path, all_out=all_out,
-                                    dtype=dtype_name(dtype), progress=not no_progress)
+                                    dtype=dtype_name(dtype), progress=not no_progress, log=eprint)
     typer.echo(f"mean best reward {report.mean_best:.4f}\nmean median reward {report.mean_median:.4f}")
     eprint(report.summary())
 

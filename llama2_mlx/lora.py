@@ -124,6 +124,31 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     return model
 
 
+def twin(module: nn.Module) -> nn.Module:
+    """A second module tree over the same weight arrays (nothing is copied).
+
+    Adapters applied to, trained in or fused into the twin leave ``module`` as it
+    is: MLX arrays are immutable, so training or fusing replaces the twin's entries
+    and never writes into the shared ones. Used to give a policy and a reward model
+    (or each rs-loop iteration's fresh policy) one copy of the frozen base in memory.
+    """
+
+    def copy(v):
+        if isinstance(v, nn.Module):
+            return twin(v)
+        if isinstance(v, (list, tuple)):
+            return type(v)(copy(x) for x in v)
+        if isinstance(v, dict):
+            return {k: copy(x) for k, x in v.items()}
+        return v  # arrays and plain values are shared
+
+    new = module.__class__.__new__(module.__class__)
+    # Attributes (frozen-key sets included) are per-module state: copy the containers.
+    new.__dict__.update({k: set(v) if isinstance(v, set) else v for k, v in module.__dict__.items()})
+    dict.update(new, {k: copy(v) for k, v in module.items()})
+    return new
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(name, layer) for every LoRA layer in ``model``."""
     return [(k, m) for k, m in model.named_modules() if isinstance(m, LoRALinear)]

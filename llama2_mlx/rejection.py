@@ -356,9 +356,12 @@ def rs_loop(
 # --------------------------------------------------------------------------- from files
 
 
-def _policy_loader(model, adapter_path, dtype):
-    from .loader import load
+def _load_pair(model, adapter_path, reward_model, dtype, log):
+    """The starting policy's ``SharedBase``, its LoRA config (if ``adapter_path``) and the
+    reward model, on the policy's base weights when it was trained on the same base."""
     from .lora import read_adapter_config
+    from .reward import load_reward_model
+    from .shared import SharedBase
 
     lora_config = None
     if adapter_path is not None:
@@ -366,21 +369,23 @@ def _policy_loader(model, adapter_path, dtype):
         if kind != "lora":
             raise Llama2Error(f"--adapter-path {adapter_path}: holds a {kind} fine-tune, "
                               "not LoRA adapters (fuse it into the model first)")
-    return (lambda: load(model, dtype=dtype, adapter_path=adapter_path)), lora_config
+    base = SharedBase.load(model, dtype)
+    rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype, shared=base)
+    if base.shared_by(rm):
+        log("the reward model shares the policy's base weights (one copy in memory)")
+    return base, lora_config, rm, rm_tokenizer
 
 
 def rejection_sample_files(model, reward_model, prompts_file, out, config: Optional[RSConfig] = None,
                            *, adapter_path=None, all_out=None, dtype=None,
-                           progress: bool = True) -> RSReport:
+                           progress: bool = True, log: Callable[[str], None] = log_stderr) -> RSReport:
     """Load the policy (``model`` [+ ``adapter_path``]) and the reward model folder, run
     ``rejection_sample`` on the prompts of ``prompts_file`` and ``write_report``."""
-    from .reward import load_reward_model
-
     config = config or RSConfig()
     config.check()
     prompts = read_prompts(prompts_file)
-    policy, tokenizer = _policy_loader(model, adapter_path, dtype)[0]()
-    rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype)
+    base, _, rm, rm_tokenizer = _load_pair(model, adapter_path, reward_model, dtype, log)
+    policy, tokenizer = base.policy(adapter_path)
     report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, config,
                               progress=progress)
     write_report(report, out, all_out)
@@ -392,13 +397,10 @@ def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[R
                   log: Callable[[str], None] = log_stderr) -> list[IterationSummary]:
     """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
     folder and prompt files."""
-    from .reward import load_reward_model
-
     config = config or RSLoopConfig()
     config.rs.check()
     prompts = read_prompts(prompts_file)
     eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
-    load_policy, lora_config = _policy_loader(model, adapter_path, dtype)
-    rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype)
-    return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
+    base, lora_config, rm, rm_tokenizer = _load_pair(model, adapter_path, reward_model, dtype, log)
+    return rs_loop(lambda: base.policy(adapter_path), rm, rm_tokenizer, prompts, out_dir, config,
                    eval_prompts=eval_prompts, lora_config=lora_config, log=log)

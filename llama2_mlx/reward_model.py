@@ -255,14 +255,19 @@ def read_reward_config(path) -> dict:
     return config
 
 
-def load_reward_model(path, *, dtype=None, base_model=None):
+def load_reward_model(path, *, dtype=None, base_model=None, shared=None):
     """``(reward model, tokenizer)`` from a folder written by ``save_reward_model``; the base
-    weights come from the recorded ``base_model`` (or ``base_model`` given here)."""
+    weights come from the recorded ``base_model`` (or ``base_model`` given here). When
+    ``shared`` (a ``SharedBase``) is that base, its weights are shared, not loaded again."""
     from .loader import load
 
     path = Path(path)
     config = read_reward_config(path)
-    policy, tokenizer = load(base_model or config["base_model"], dtype=dtype)
+    ref = base_model or config["base_model"]
+    if shared is not None and shared.serves(ref, dtype):
+        policy, tokenizer = shared.policy()
+    else:
+        policy, tokenizer = load(ref, dtype=dtype)
     rm = RewardModel.from_policy(policy)
     if rm.args.dim != config.get("dim", rm.args.dim):
         raise Llama2Error(f"{path}: made for dim {config['dim']}, the base model has {rm.args.dim}")

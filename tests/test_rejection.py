@@ -14,6 +14,7 @@ import json
 import random
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -229,7 +230,7 @@ def test_rejection_sample_cli_writes_lora_train_records(task, tmp_path):
 
 def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapters(task, tmp_path):
     from llama2_mlx.lora import read_adapter_config
-    from llama2_mlx.rejection import _policy_loader, finetune
+    from llama2_mlx.rejection import _load_pair, finetune
 
     # A starting policy with its own (rank 2) adapters.
     (tmp_path / "seed.jsonl").write_text(
@@ -238,13 +239,19 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
     opts = SFTOptions(iters=1, batch_size=4, pack=False, max_seq_length=64, rank=2,
                       save_every=0, progress=False)
     finetune(model, tok, tmp_path / "seed.jsonl", tmp_path / "start", opts, log=lambda s: None)
-    load_policy, lora_config = _policy_loader(task.policy_dir, tmp_path / "start", None)
+    base, lora_config, rm, _ = _load_pair(task.policy_dir, tmp_path / "start", task.rm_dir, None,
+                                          log=lambda s: None)
     assert lora_config.rank == 2
+    assert not base.shared_by(rm)  # the reward model was trained on another base
+
+    def load_policy():
+        return base.policy(tmp_path / "start")
+
     prompts = [user(p) for p, _ in task.rs[:4]]
     config = RSLoopConfig(iterations=2, rs=rs_config(k=2),
                           sft=SFTOptions(iters=1, batch_size=4, pack=False, max_seq_length=64,
                                          save_every=0, progress=False))
-    summaries = rs_loop(load_policy, task.rm, task.tok, prompts, tmp_path / "loop", config,
+    summaries = rs_loop(load_policy, rm, task.tok, prompts, tmp_path / "loop", config,
                         lora_config=lora_config, log=lambda s: None)
     assert [s.iteration for s in summaries] == [0, 1, 2]
     it1, it2 = tmp_path / "loop" / "iter_01", tmp_path / "loop" / "iter_02"
@@ -254,6 +261,9 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
     # The start adapters were trained further (same rank), loadable on the base model.
     assert read_adapter_config(it2 / "adapters")[1].rank == 2
     load(task.policy_dir, adapter_path=it2 / "adapters")
+    # Every iteration's fresh policy was a twin: the shared base is still untouched.
+    np.testing.assert_array_equal(np.array(base.model(mx.array([[1, 2, 3]]))),
+                                  np.array(load(task.policy_dir)[0](mx.array([[1, 2, 3]]))))
 
 
 def test_read_prompts_formats_and_errors(tmp_path):
