@@ -145,6 +145,84 @@ class BoundedKVCache:
     capacity_nbytes = nbytes
 
 
+class SharedPrefixKVCache:
+    """K sequences continuing one prompt, with the prompt's keys and values held once.
+
+    Made from a prefilled batch-1 ``KVCache``; each sequence's own tokens go to a
+    (K, ...) ``KVCache``. Attention (``attend``) runs all K sequences' queries
+    against the single prompt copy in one product, then against their own keys,
+    with one softmax over both: the result equals K repeated copies of the prompt
+    cache, which costs K times the prompt's KV memory (and bandwidth) instead.
+    """
+
+    def __init__(self, prefix: KVCache, k: int):
+        if prefix.keys is None or prefix.keys.shape[0] != 1 or prefix.left_padding is not None:
+            raise ValueError("a shared prefix must be a prefilled batch-1 cache without padding")
+        n = prefix.offset
+        self.prefix_keys = prefix.keys[..., :n, :]  # (1, n_kv_heads, P, head_dim)
+        self.prefix_values = prefix.values[..., :n, :]
+        self.prefix_len, self.k = n, k
+        self.own = KVCache()  # (k, n_kv_heads, S, head_dim)
+
+    @property
+    def offset(self) -> int:
+        return self.prefix_len + self.own.offset
+
+    def make_mask(self, T: int):
+        return None  # ``attend`` applies causality within the new tokens itself
+
+    def update_and_fetch(self, keys, values):
+        raise NotImplementedError("SharedPrefixKVCache is used through attend()")
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+        """Attention output (K, H, T, hd) of queries q (K, H, T, hd) over the prompt and
+        each sequence's cached tokens plus the new k, v (K, n_kv_heads, T, hd)."""
+        if mask is not None and not isinstance(mask, str):
+            raise ValueError("SharedPrefixKVCache applies its own (causal) mask")
+        own_k, own_v = self.own.update_and_fetch(k, v)  # (K, Hkv, S, hd), S = own tokens so far
+        K, H, T, D = q.shape
+        Hkv, P, S = self.prefix_keys.shape[1], self.prefix_len, own_k.shape[2]
+        G = H // Hkv  # query heads per KV head
+        q = q * scale
+        # (K, H, T, hd) -> (1, Hkv, K*G*T, hd): every query of one KV head, all K rows at once.
+        qp = q.reshape(K, Hkv, G, T, D).transpose(1, 0, 2, 3, 4).reshape(1, Hkv, K * G * T, D)
+        s_prefix = qp @ self.prefix_keys.swapaxes(-1, -2)  # (1, Hkv, K*G*T, P)
+        s_prefix = s_prefix.reshape(Hkv, K, G * T, P).transpose(1, 0, 2, 3)  # (K, Hkv, G*T, P)
+        s_own = q.reshape(K, Hkv, G * T, D) @ own_k.swapaxes(-1, -2)  # (K, Hkv, G*T, S)
+        if T > 1:  # new token t (own position S-T+t) sees own keys up to itself
+            qpos = mx.arange(S - T, S)
+            visible = mx.arange(S)[None] <= qpos[:, None]  # (T, S)
+            s_own = mx.where(mx.tile(visible, (G, 1)), s_own, -float("inf"))
+        probs = mx.softmax(mx.concatenate([s_prefix, s_own], axis=-1).astype(mx.float32), axis=-1)
+        probs = probs.astype(q.dtype)
+        p_prefix = probs[..., :P].transpose(1, 0, 2, 3).reshape(1, Hkv, K * G * T, P)
+        out = (p_prefix @ self.prefix_values).reshape(Hkv, K, G, T, D).transpose(1, 0, 2, 3, 4)
+        out = out.reshape(K, H, T, D) + (probs[..., P:] @ own_v).reshape(K, H, T, D)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.prefix_keys.nbytes + self.prefix_values.nbytes + self.own.nbytes
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return self.prefix_keys.nbytes + self.prefix_values.nbytes + self.own.capacity_nbytes
+
+
+def fork(cache: list, k: int) -> list:
+    """The caches of a prefilled batch-1 prompt, continued by ``k`` sequences: shared
+    (``SharedPrefixKVCache``) where possible, else repeated k times in place."""
+    out = []
+    for c in cache:
+        if isinstance(c, KVCache) and c.left_padding is None and c.keys is not None:
+            out.append(SharedPrefixKVCache(c, k))
+        else:
+            if c.keys is not None:
+                c.expand(k)
+            out.append(c)
+    return out
+
+
 def make_cache(model, max_kv_size: Optional[int] = None, left_padding=None) -> list:
     """One cache per layer of ``model`` (bounded when ``max_kv_size`` is given)."""
     n = len(model.layers)

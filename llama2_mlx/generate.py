@@ -16,7 +16,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import cache_nbytes, make_cache
+from .cache import cache_nbytes, fork, make_cache
 from .errors import Llama2Error
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 from .tokenizer import SPECIAL_TAGS
@@ -341,8 +341,8 @@ def sample_k(
     """Draw ``k`` answers to one prompt: their token ids (cut at, excluding, EOS) and
     whether each ended with EOS.
 
-    The prompt is prefilled once with batch 1; the cache is then repeated k
-    times and the k samples are decoded as one batch.
+    The prompt is prefilled once with batch 1; the k samples then decode as
+    one batch over that one copy of its KV cache (``cache.fork``).
     """
     config.check()
     if k < 1:
@@ -354,9 +354,7 @@ def sample_k(
     prompt = mx.array(list(prompt_ids))[None]
     cache = _make_cache(model, config.max_kv_size)
     last = _prefill(model, prompt, cache, config.prefill_step)
-    if prompt.shape[1] > 1:
-        for c in cache:
-            c.expand(k)
+    cache = fork(cache, k)  # the prompt's KV held once, shared by the k rows
     prefix = mx.repeat(prompt[:, :-1], k, axis=0)
     processors = [_with_prefix(p, prefix) for p in config.make_logits_processors()]
     steps = generate_step(

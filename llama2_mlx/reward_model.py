@@ -153,12 +153,12 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
                         pad_id: int = 0) -> list[float]:
     """The rewards of sequences that share a prefix (K answers to one prompt), as one batch.
 
-    The shared prefix is run once with batch 1 into a KV cache, the cache is repeated
-    for every sequence and only the (right-padded) remainders are run; equal to
+    The shared prefix is run once with batch 1 into a KV cache, which every sequence
+    reads (``cache.fork``: one copy) and only the (right-padded) remainders are run; equal to
     ``score_sequences`` up to float rounding. Without a shared prefix it is
     ``score_sequences``.
     """
-    from .cache import make_cache
+    from .cache import fork, make_cache
 
     if len(seqs) < 2:
         return score_sequences(rm, seqs, pad_id=pad_id)
@@ -171,8 +171,7 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
         cache = make_cache(rm)
         rm.model(mx.array([list(seqs[0][:L])]), cache=cache)
         mx.eval([(c.keys, c.values) for c in cache])
-        for c in cache:
-            c.expand(len(seqs))
+        cache = fork(cache, len(seqs))
         tokens, lengths = pad_right([s[L:] for s in seqs], pad_id)
         h = rm.model(tokens, cache=cache)  # (K, T, dim) for positions L .. L+T-1
         last = h[mx.arange(h.shape[0]), lengths - 1]

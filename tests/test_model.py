@@ -2,7 +2,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llama2_mlx.cache import BoundedKVCache, KVCache, cache_nbytes, make_cache
+from llama2_mlx.cache import (BoundedKVCache, KVCache, SharedPrefixKVCache, cache_nbytes, fork,
+                              make_cache)
 from llama2_mlx.model import PRESETS, ModelArgs, Transformer
 
 from conftest import TINY, make_model
@@ -65,6 +66,42 @@ def test_batched_left_padding_equals_one_by_one(tiny_model):
         ref = tiny_model(mx.array([p + [7 + i]]))
         np.testing.assert_allclose(np.array(logits[i, pads[i]:]), np.array(ref[0, :-1]), atol=1e-5)
         np.testing.assert_allclose(np.array(step[i, 0]), np.array(ref[0, -1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA (2 query heads per KV head) and MHA
+def test_shared_prefix_cache_equals_each_sequence_on_its_own(kv_heads):
+    model = make_model(n_kv_heads=kv_heads)
+    a = model.args
+    rng = np.random.RandomState(2)
+    prompt = rng.randint(3, 500, 9).tolist()
+    K = 3
+    rest = rng.randint(3, 500, (K, 6))  # each sequence's own continuation
+    cache = make_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    prompt_bytes = cache_nbytes(cache)
+    cache = fork(cache, K)
+    assert all(isinstance(c, SharedPrefixKVCache) for c in cache)
+    # A chunk of 4 new tokens per row (causal within it), then one at a time.
+    outs = [model(mx.array(rest[:, :4]), cache=cache)]
+    outs += [model(mx.array(rest[:, i : i + 1]), cache=cache) for i in (4, 5)]
+    got = np.array(mx.concatenate(outs, axis=1))
+    for i in range(K):
+        ref = model(mx.array([prompt + rest[i].tolist()]))[0, len(prompt):]
+        np.testing.assert_allclose(got[i], np.array(ref), atol=1e-5)
+    assert cache[0].offset == len(prompt) + 6
+    # The prompt's keys and values are held once, not K times.
+    own = 2 * a.n_layers * K * kv_heads * 6 * a.head_dim * 4
+    assert cache_nbytes(cache) == prompt_bytes + own
+    assert cache[0].prefix_keys.shape[0] == 1
+
+
+def test_fork_repeats_what_it_cannot_share(tiny_model):
+    bounded = make_cache(tiny_model, max_kv_size=8)
+    tiny_model(mx.zeros((1, 5), mx.int32), cache=bounded)
+    forked = fork(bounded, 3)
+    assert forked[0] is bounded[0] and bounded[0].keys.shape[0] == 3
+    empty = fork(make_cache(tiny_model), 3)  # a 1-token prompt leaves nothing to share
+    assert isinstance(empty[0], KVCache) and empty[0].keys is None
 
 
 def _windowed_reference(model, tokens, max_size, keep):
