@@ -160,6 +160,7 @@ def rs_loop(
     max_seq_length: Annotated[Optional[int], opt("Fine-tune row length in tokens (default: 2048).")] = None,
     rank: Annotated[Optional[int], opt("LoRA rank of new adapters (default: 8).", _P)] = None,
     seed: SeedOpt = 0, dtype: DTypeOpt = None, no_progress: NoProgress = False,
+    resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
     from llama2_mlx.rejection import RSConfig, RSLoopConfig, rs_loop_files
@@ -171,7 +172,8 @@ def rs_loop(
     sft = SFTOptions.resolve(cli, config_file=sft_config)
     config = RSLoopConfig(iterations, RSConfig(k, _gen(temp, top_p, top_k, max_tokens, seed)), sft)
     for s in rs_loop_files(model, reward_model, prompts, out, config, adapter_path=adapter_path,
-                           eval_prompts_file=eval_prompts, dtype=dtype_name(dtype), log=eprint):
+                           eval_prompts_file=eval_prompts, dtype=dtype_name(dtype), resume=resume,
+                           log=eprint):
         typer.echo(s.line())
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .checkpoint import write_jsonl_atomic
+from .checkpoint import write_json_atomic, write_jsonl_atomic
 from .errors import Llama2Error
 from .generate import GenerationConfig, batch_generate, sample_k
 from .progress import ProgressBar, log_stderr
@@ -295,44 +295,113 @@ class IterationSummary:
                 f"{self.mean_greedy_reward:.4f} (pool {self.pool_size}, {self.seconds:.1f}s)")
 
 
+SETTINGS_FILE = "rs_loop.json"
+SUMMARY_FILE = "summary.jsonl"
+# SFTOptions fields that rs-loop sets itself or that do not change the results.
+_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress")
+
+
+def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
+    """What a resumed run must share with the run it continues (all but the iteration count)."""
+    import hashlib
+
+    def digest(x) -> str:
+        return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+
+    sft = {k: v for k, v in dataclasses.asdict(config.sft).items() if k not in _NOT_SETTINGS}
+    return json.loads(json.dumps({
+        "k": config.rs.k, "generation": dataclasses.asdict(config.rs.generation),
+        "score_batch_size": config.rs.score_batch_size, "sft": sft,
+        "greedy_max_tokens": config.greedy_max_tokens,
+        "prompts": digest(prompts), "eval_prompts": digest(eval_prompts)}))
+
+
+def _differences(old, new, where=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+    elif old != new:
+        yield f"{where} was {json.dumps(old)}, now {json.dumps(new)}"
+
+
+def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[dict]]:
+    """The finished iterations of the run in ``out`` and its pool of winners."""
+    f = out / SETTINGS_FILE
+    if not f.exists() or not (out / SUMMARY_FILE).exists():
+        raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
+    diff = list(_differences(json.loads(f.read_text()), settings))
+    if diff:
+        raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
+                          "use the same options, or a new --out")
+    lines = (out / SUMMARY_FILE).read_text().splitlines()
+    summaries = [IterationSummary(**json.loads(line)) for line in lines if line.strip()]
+    if [s.iteration for s in summaries] != list(range(len(summaries))):
+        raise Llama2Error(f"--resume: {out / SUMMARY_FILE} is not a run of iterations 0, 1, ...")
+    pool: list[dict] = []
+    last = len(summaries) - 1
+    if last >= 1:
+        d = out / f"iter_{last:02d}"
+        if not (d / "adapters" / "adapter_config.json").exists():
+            raise Llama2Error(f"--resume: {d / 'adapters'} is missing (iteration {last})")
+        with open(d / "train.jsonl") as fh:
+            pool = [json.loads(line) for line in fh if line.strip()]
+    return summaries, pool
+
+
 def rs_loop(
-    load_policy: Callable[[], tuple], rm: RewardModel, rm_tokenizer,
+    load_policy: Callable[..., tuple], rm: RewardModel, rm_tokenizer,
     prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
     eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
-    log: Callable[[str], None] = log_stderr,
+    resume: bool = False, log: Callable[[str], None] = log_stderr,
 ) -> list[IterationSummary]:
     """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
 
     ``load_policy()`` returns a fresh ``(model, tokenizer)`` of the starting policy
-    (``lora_config`` describes its adapters, if it has some). Iteration i samples with
-    the policy of iteration i-1, adds its winners to the pool, fine-tunes a fresh
+    (``lora_config`` describes its adapters, if it has some); ``load_policy(path)`` the
+    same base with the adapters in ``path`` instead. Iteration i samples with the
+    policy of iteration i-1, adds its winners to the pool, fine-tunes a fresh
     starting policy on the whole pool and measures its mean greedy reward. Under
     ``out_dir/iter_NN/`` it writes ``samples.jsonl`` (all K), ``winners.jsonl``,
     ``train.jsonl`` (the pool) and ``adapters/``; ``summary.jsonl`` gets one line per
-    iteration, iteration 0 being the starting policy.
+    iteration, iteration 0 being the starting policy. ``resume`` continues the run in
+    ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
+    grow), with the same results as a run that was never stopped.
     """
     config = config or RSLoopConfig()
     config.rs.check()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     eval_prompts = list(eval_prompts) if eval_prompts is not None else list(prompts)
+    settings = _settings(config, list(prompts), eval_prompts)
+    if resume:
+        summaries, pool = _resumed(out, settings)
+    elif (out / SUMMARY_FILE).exists():
+        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
+                          "to continue it, or choose another --out")
+    else:
+        summaries, pool = [], []
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / SETTINGS_FILE, settings)
     greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
-    policy, tokenizer = load_policy()
-    summaries: list[IterationSummary] = []
 
     def record(s: IterationSummary) -> None:
         summaries.append(s)
-        write_jsonl_atomic(out / "summary.jsonl", (dataclasses.asdict(x) for x in summaries))
+        write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
         log(s.line())
 
     def greedy(p) -> float:
         r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens)
         return float(sum(r) / len(r))
 
-    record(IterationSummary(0, greedy(policy)))
-    pool: list[dict] = []
+    done = len(summaries) - 1
+    if done < 1:
+        policy, tokenizer = load_policy()
+    else:
+        policy, tokenizer = load_policy(out / f"iter_{done:02d}" / "adapters")
+        log(f"resuming {out} after iteration {done} (pool {len(pool)})")
+    if done < 0:
+        record(IterationSummary(0, greedy(policy)))
     base_seed = config.rs.generation.seed if config.rs.generation.seed is not None else 0
-    for it in range(1, config.iterations + 1):
+    for it in range(max(done, 0) + 1, config.iterations + 1):
         tic = time.perf_counter()
         d = out / f"iter_{it:02d}"
         rs = dataclasses.replace(config.rs, generation=dataclasses.replace(
@@ -393,7 +462,7 @@ def rejection_sample_files(model, reward_model, prompts_file, out, config: Optio
 
 
 def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
-                  *, adapter_path=None, eval_prompts_file=None, dtype=None,
+                  *, adapter_path=None, eval_prompts_file=None, dtype=None, resume: bool = False,
                   log: Callable[[str], None] = log_stderr) -> list[IterationSummary]:
     """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
     folder and prompt files."""
@@ -402,5 +471,9 @@ def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[R
     prompts = read_prompts(prompts_file)
     eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
     base, lora_config, rm, rm_tokenizer = _load_pair(model, adapter_path, reward_model, dtype, log)
-    return rs_loop(lambda: base.policy(adapter_path), rm, rm_tokenizer, prompts, out_dir, config,
-                   eval_prompts=eval_prompts, lora_config=lora_config, log=log)
+
+    def load_policy(adapters=None):
+        return base.policy(adapters if adapters is not None else adapter_path)
+
+    return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
+                   eval_prompts=eval_prompts, lora_config=lora_config, resume=resume, log=log)

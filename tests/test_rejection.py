@@ -244,8 +244,8 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
     assert lora_config.rank == 2
     assert not base.shared_by(rm)  # the reward model was trained on another base
 
-    def load_policy():
-        return base.policy(tmp_path / "start")
+    def load_policy(adapters=None):
+        return base.policy(adapters or tmp_path / "start")
 
     prompts = [user(p) for p, _ in task.rs[:4]]
     config = RSLoopConfig(iterations=2, rs=rs_config(k=2),
@@ -292,3 +292,42 @@ def test_rejection_sample_cli_reports_bad_input_in_one_line(task, tmp_path):
         "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+def test_rs_loop_resume_gives_the_uninterrupted_run_and_refuses_other_settings(task, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p, _ in task.rs[:6]))
+
+    def loop(out, iterations, *extra):
+        return runner.invoke(app, [
+            "rs-loop", "--model", str(task.policy_dir), "--reward-model", str(task.rm_dir),
+            "--prompts", str(tmp_path / "prompts.jsonl"), "--iterations", str(iterations),
+            "-k", "2", "--max-tokens", "4", "--iters", "2", "--batch-size", "4",
+            "--max-seq-length", "64", "--rank", "2", "--out", str(out), "--no-progress", *extra])
+
+    def summary(out):
+        return [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert loop(straight, 2).exit_code == 0
+    assert loop(stopped, 1).exit_code == 0
+    # Without --resume an earlier run is never overwritten.
+    r = loop(stopped, 2)
+    assert r.exit_code == 2 and "pass --resume" in r.stderr and len(summary(stopped)) == 2
+    # Other settings are refused, naming the one that changed.
+    r = loop(stopped, 2, "--resume", "--temp", "0.5")
+    assert r.exit_code == 2 and "generation.temp was 1.0, now 0.5" in r.stderr
+    r = loop(stopped, 2, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.stderr and "after iteration 1" in r.stderr
+    a, b = summary(straight), summary(stopped)
+    assert [s["iteration"] for s in b] == [0, 1, 2]
+    for x, y in zip(a, b):
+        assert x["pool_size"] == y["pool_size"]
+        for key in ("mean_greedy_reward", "mean_best_reward", "mean_median_reward"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    for name in ("winners.jsonl", "train.jsonl"):
+        assert (straight / "iter_02" / name).read_text() == (stopped / "iter_02" / name).read_text()
+    r = runner.invoke(app, ["rs-loop", "--model", str(task.policy_dir), "--reward-model",
+                            str(task.rm_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                            "--out", str(tmp_path / "nothing"), "--resume"])
+    assert r.exit_code == 2 and "holds no rs-loop run" in r.stderr
