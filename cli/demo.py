@@ -65,11 +65,10 @@ def pairs(
     """Write reward-train pairs: the right answer (chosen) against a wrong one (rejected)."""
     from llama2_mlx.demo.skills import DEFAULT_PAIR_NAMES, write_pairs
 
-    counts = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid,
-                         seed=seed, model=model, k=k)
-    own = counts.pop("from model")
-    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in counts.items())} to {out}; "
-               f"{own} rejected answers are the model's own, {sum(counts.values()) - own} made up")
+    w = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid,
+                    seed=seed, model=model, k=k)
+    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in w.pairs.items())} to {out}; "
+               f"{w.from_model} rejected answers are the model's own, {w.made_up} made up")
 
 
 @cli_errors

@@ -84,8 +84,8 @@ def test_written_files_are_what_the_commands_read(tmp_path, tok):
     test = {json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "d" / "test.jsonl")}
     assert not valid & test
 
-    assert S.write_pairs(tmp_path / "p", ("add", "spell", "next"), n=10, n_valid=4) == {
-        "train.jsonl": 30, "valid.jsonl": 12, "from model": 0}
+    assert S.write_pairs(tmp_path / "p", ("add", "spell", "next"), n=10, n_valid=4) == S.PairsWritten(
+        {"train.jsonl": 30, "valid.jsonl": 12}, from_model=0)
     train, held = load_reward_data(tmp_path / "p")
     assert len(train) == 30 and len(held) == 12
     assert {p.rating for p in train} <= {"better", "significantly_better"}
@@ -106,7 +106,7 @@ def test_pairs_take_the_models_own_mistakes(tmp_path, tok, model_dir):
         assert w is None or not S.check("next", e.question, w)
     counts = S.write_pairs(tmp_path, ["next"], n=4, n_valid=2, model=model_dir, k=2)
     recs = [json.loads(x) for x in open(tmp_path / "train.jsonl")]
-    assert counts["from model"] == sum(r["source"] == "model" for r in recs) + sum(
+    assert counts.from_model == sum(r["source"] == "model" for r in recs) + sum(
         json.loads(x)["source"] == "model" for x in open(tmp_path / "valid.jsonl"))
     for r in recs:
         assert not S.check("next", r["prompt"], r["rejected"]) and r["rejected"].strip()

@@ -280,15 +280,27 @@ def pair_records(names: Sequence[str], n: int, seed: int, split: str, *,
 DEFAULT_PAIR_NAMES = T.TASKS
 
 
+@dataclass
+class PairsWritten:
+    """What ``write_pairs`` wrote: pairs per file, and how many rejected answers are the
+    model's own samples (the rest are made up)."""
+
+    pairs: dict[str, int]
+    from_model: int
+
+    @property
+    def made_up(self) -> int:
+        return sum(self.pairs.values()) - self.from_model
+
+
 def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
-                n_valid: int = 20, seed: int = 0, model=None, k: int = 4) -> dict[str, int]:
+                n_valid: int = 20, seed: int = 0, model=None, k: int = 4) -> PairsWritten:
     """``reward-train`` data in folder ``out``: ``train.jsonl`` (``n`` pairs per skill or
     task of ``names``, training-split questions) and ``valid.jsonl`` (``n_valid`` pairs
     each, held-out questions): the checker's right answer is chosen over a wrong one,
     with ``model`` (a model folder or hub id) one of its own ``k`` samples where it got the question wrong (the
     mistakes a reward model must catch), else a made-up one (see ``wrong_answer``).
-    Returns the pairs per file and, under ``"from model"``, how many rejected answers
-    are the model's."""
+    Returns a ``PairsWritten``."""
     names = [check_name(x) for x in names]
     if not names:
         raise Llama2Error("no skills or tasks to make pairs of")
@@ -304,9 +316,8 @@ def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
              "valid.jsonl": pair_records(names, n_valid, seed, "heldout", sampler=sampler)}
     for file, records in files.items():
         _write_jsonl(Path(out) / file, records)
-    counts = {file: len(records) for file, records in files.items()}
-    counts["from model"] = sum(r["source"] == "model" for rs in files.values() for r in rs)
-    return counts
+    return PairsWritten({file: len(records) for file, records in files.items()},
+                        sum(r["source"] == "model" for rs in files.values() for r in rs))
 
 
 def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
