@@ -54,6 +54,10 @@ class KVCache:
         # A padding query sees itself, so its softmax row is never empty (no NaN).
         return (kpos <= qpos) & ((kpos >= pad) | (kpos == qpos))  # (B, 1, T, offset+T)
 
+    def trim_to(self, n: int) -> None:
+        """Keep only the first n cached tokens (later writes overwrite the rest)."""
+        self.offset = min(self.offset, n)
+
     def expand(self, n: int) -> None:
         """Repeat a batch-1 cache n times (K samples sharing one prefilled prompt)."""
         self.keys = mx.repeat(self.keys[..., : self.offset, :], n, axis=0)
@@ -221,6 +225,30 @@ def fork(cache: list, k: int) -> list:
                 c.expand(k)
             out.append(c)
     return out
+
+
+class PromptCache:
+    """A model's KV cache kept from one generation to the next, with the tokens it holds.
+
+    A new prompt that begins with those tokens (the next turn of a chat: the same
+    dialog plus a new answer and question) has only its remaining tokens prefilled.
+    Reuse is exact: the key and value at position i depend on tokens 0..i only.
+    """
+
+    def __init__(self, model):
+        self.cache = make_cache(model)
+        self.tokens: list[int] = []
+
+    def reuse(self, ids: Sequence[int]) -> int:
+        """Trim the cache to the longest prefix it shares with ``ids`` (at least one token
+        of ``ids`` is left to run) and return that prefix's length."""
+        n, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while n < limit and self.tokens[n] == ids[n]:
+            n += 1
+        for c in self.cache:
+            c.trim_to(n)
+        self.tokens = list(ids[:n])
+        return n
 
 
 def make_cache(model, max_kv_size: Optional[int] = None, left_padding=None) -> list:

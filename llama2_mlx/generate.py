@@ -16,7 +16,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import cache_nbytes, fork, make_cache
+from .cache import PromptCache, cache_nbytes, fork, make_cache
 from .errors import Llama2Error
 from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
 from .tokenizer import SPECIAL_TAGS
@@ -62,8 +62,9 @@ class Response:
 
     ``finish_reason`` is None until the last response ('stop': EOS or a stop
     string; 'length': max_tokens). Speeds are tokens per second: the prompt
-    one includes sampling the first token, the generation one counts the
-    tokens after the first. ``peak_memory`` is in GB.
+    one includes sampling the first token and counts only the prefilled tokens
+    (``prompt_tokens - cached_tokens``), the generation one counts the tokens
+    after the first. ``peak_memory`` is in GB.
     """
 
     text: str
@@ -76,6 +77,7 @@ class Response:
     peak_memory: float
     kv_cache_bytes: int
     logprobs: Optional[mx.array] = None
+    cached_tokens: int = 0  # prompt tokens taken from a PromptCache (not prefilled)
 
 
 def _processors(tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
@@ -211,13 +213,16 @@ class StopStrings:
 
 
 def stream_generate(
-    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None
+    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[Response]:
     """Generate from ``prompt_ids``, yielding a ``Response`` per sampled token.
 
     Stops at EOS (not shown), at a stop string of ``config.stop`` (text cut
     before it) or after ``config.max_tokens`` tokens; the last response has
-    the ``finish_reason`` and the final statistics.
+    the ``finish_reason`` and the final statistics. With ``prompt_cache`` the
+    prompt's prefix already in that cache is not run again, and the cache keeps
+    this generation for the next (not with ``max_kv_size``: a fresh cache is used).
     """
     config = config or GenerationConfig()
     config.check()
@@ -225,47 +230,63 @@ def stream_generate(
         raise Llama2Error("the prompt has no tokens")
     if config.seed is not None:
         mx.random.seed(config.seed)
-    cache = _make_cache(model, config.max_kv_size)
+    ids = list(prompt_ids)
+    processors = _processors(tokenizer, config)
+    if prompt_cache is not None and config.max_kv_size is None:
+        cache, cached = prompt_cache.cache, prompt_cache.reuse(ids)
+        if cached:  # the processors still see the whole prompt as history
+            prefix = mx.array(ids[:cached])[None]
+            processors = [_with_prefix(p, prefix) for p in processors]
+    else:
+        prompt_cache, cache, cached = None, _make_cache(model, config.max_kv_size), 0
     detok, stops = tokenizer.detokenizer(), StopStrings(config.stop)
     steps = generate_step(
-        model, mx.array(list(prompt_ids)), cache=cache, sampler=config.make_sampler(),
-        logits_processors=_processors(tokenizer, config), prefill_step=config.prefill_step,
+        model, mx.array(ids[cached:]), cache=cache, sampler=config.make_sampler(),
+        logits_processors=processors, prefill_step=config.prefill_step,
         max_tokens=config.max_tokens,
     )
-    P = len(prompt_ids)
+    P = len(ids)
     tic = time.perf_counter()
     prompt_tps, t_first, n = 0.0, tic, 0
+    generated: list[int] = []
 
     def response(text, token, reason, logprobs):
         dt = time.perf_counter() - t_first
         return Response(
             text, token, reason, P, prompt_tps, n, (n - 1) / dt if n > 1 and dt > 0 else 0.0,
-            mx.get_peak_memory() / 1e9, cache_nbytes(cache), logprobs,
+            mx.get_peak_memory() / 1e9, cache_nbytes(cache), logprobs, cached,
         )
 
     def finish() -> str:
         text = stops.add(detok.flush())
         return text + stops.flush()
 
-    for y, logprobs in steps:
-        token = y.item()
-        n += 1
-        if n == 1:
-            t_first = time.perf_counter()
-            prompt_tps = P / (t_first - tic)
-        if token == tokenizer.eos_id:
-            reason, text = "stop", finish()
-            break
-        text = stops.add(detok.add(token))
-        if n == config.max_tokens and not stops.hit:
-            text += finish()
-            reason = "stop" if stops.hit else "length"
-            break
-        if stops.hit:
-            reason = "stop"
-            break
-        yield response(text, token, None, logprobs)
-    yield response(text, token, reason, logprobs)
+    try:
+        for y, logprobs in steps:
+            token = y.item()
+            generated.append(token)
+            n += 1
+            if n == 1:
+                t_first = time.perf_counter()
+                prompt_tps = (P - cached) / (t_first - tic)
+            if token == tokenizer.eos_id:
+                reason, text = "stop", finish()
+                break
+            text = stops.add(detok.add(token))
+            if n == config.max_tokens and not stops.hit:
+                text += finish()
+                reason = "stop" if stops.hit else "length"
+                break
+            if stops.hit:
+                reason = "stop"
+                break
+            yield response(text, token, None, logprobs)
+        yield response(text, token, reason, logprobs)
+    finally:
+        if prompt_cache is not None:
+            # The cache holds the prompt and the sampled tokens fed back so far (the
+            # pipelined step may have fed one more than was shown).
+            prompt_cache.tokens = (ids + generated)[: min(c.offset for c in cache)]
 
 
 def generate(
@@ -376,17 +397,20 @@ def prompt_ids(
 
 
 class ChatSession:
-    """A multi-turn Llama 2 chat: the whole dialog is re-encoded for every turn.
+    """A multi-turn Llama 2 chat: the whole dialog is encoded in Meta's format for every
+    turn, and the part of it already in the KV cache (``PromptCache``; all of it up to
+    the new turn, as a rule) is not run again (``reuse_cache=False``: re-run it all).
 
     Generation also stops at the chat-format tags (an answer holding one could
     not be encoded in the next turn).
     """
 
     def __init__(self, model, tokenizer, config: Optional[GenerationConfig] = None,
-                 system: Optional[str] = None):
+                 system: Optional[str] = None, reuse_cache: bool = True):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         config = config or GenerationConfig()
         self.config = dataclasses.replace(config, stop=list(config.stop) + list(SPECIAL_TAGS))
+        self.prompt_cache = PromptCache(model) if reuse_cache else None
         self.reset()
 
     def reset(self) -> None:
@@ -400,7 +424,7 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user}]
         ids = self.tokenizer.encode_chat(messages)
         answer = []
-        for r in stream_generate(self.model, self.tokenizer, ids, self.config):
+        for r in stream_generate(self.model, self.tokenizer, ids, self.config, self.prompt_cache):
             answer.append(r.text)
             yield r
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
@@ -434,7 +458,9 @@ def chat_loop(session: ChatSession, read: Callable[[], Optional[str]],
 def format_stats(r: Response) -> str:
     """The statistics of a final ``Response`` as lines for stderr."""
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.2f} tok/s\n"
+        f"prompt: {r.prompt_tokens} tokens"
+        + (f" ({r.cached_tokens} from the cache)" if r.cached_tokens else "")
+        + f", {r.prompt_tps:.2f} tok/s\n"
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tok/s\n"
         f"peak memory: {r.peak_memory:.3f} GB\n"
         f"KV cache: {r.kv_cache_bytes} bytes ({r.kv_cache_bytes / 2**20:.2f} MiB)"

@@ -62,10 +62,10 @@ def test_chat_keeps_history_and_handles_reset_and_quit(model_dir, tok, monkeypat
     seen, answers = [], []
     real = gen.stream_generate
 
-    def recording(model, tokenizer, ids, config):
+    def recording(model, tokenizer, ids, config, prompt_cache=None):
         seen.append(list(ids))
         answers.append("")
-        for resp in real(model, tokenizer, ids, config):
+        for resp in real(model, tokenizer, ids, config, prompt_cache):
             answers[-1] += resp.text
             yield resp
 

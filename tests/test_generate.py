@@ -8,7 +8,7 @@ from llama2_mlx.cache import make_cache
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generate import (
     ChatSession, GenerationConfig, StopStrings, batch_generate, generate, generate_step,
-    prompt_ids, sample_k, stream_generate,
+    format_stats, prompt_ids, sample_k, stream_generate,
 )
 from llama2_mlx.sample import make_logits_processors
 
@@ -229,3 +229,35 @@ def test_padded_vocabulary_never_samples_undecodable_ids(spm_path):
     assert isinstance(text, str)
     rows = batch_generate(model, tok, [tok.encode("hello"), tok.encode("a b c")], config)
     assert all(t < tok.vocab_size for row in rows for t in row)
+
+
+def test_prompt_cache_reuses_the_shared_prefix_only():
+    from conftest import make_model
+    from llama2_mlx.cache import PromptCache
+
+    model = make_model()
+    pc = PromptCache(model)
+    model(mx.array([[5, 6, 7, 8]]), cache=pc.cache)
+    pc.tokens = [5, 6, 7, 8]
+    assert pc.reuse([5, 6, 9, 9, 9]) == 2 and pc.cache[0].offset == 2
+    assert pc.reuse([5, 6]) == 1  # at least one token is left to run
+    assert pc.reuse([1, 2, 3]) == 0 and pc.cache[0].offset == 0
+
+
+def test_chat_reuses_the_cache_and_answers_exactly_as_without(model, tok):
+    config = GenerationConfig(max_tokens=6, repetition_penalty=1.5, repetition_context_size=256)
+    turns = ["hello there", "count to three", "and then?"]
+    reused, fresh = ChatSession(model, tok, config, system="be brief"), ChatSession(
+        model, tok, config, system="be brief", reuse_cache=False)
+    for i, turn in enumerate(turns):
+        a = list(reused.send(turn))
+        b = list(fresh.send(turn))
+        assert "".join(r.text for r in a) == "".join(r.text for r in b)
+        np.testing.assert_allclose(np.array(a[-1].logprobs), np.array(b[-1].logprobs), atol=1e-4)
+        assert a[-1].prompt_tokens == b[-1].prompt_tokens
+        # The previous turn's whole prompt came from the cache (a random model's answers
+        # need not re-encode to the tokens it sampled; from there on the prompt is re-run).
+        assert a[-1].cached_tokens >= (prev if i else 0) and b[-1].cached_tokens == 0
+        prev = a[-1].prompt_tokens
+    assert reused.messages == fresh.messages
+    assert "from the cache" in format_stats(a[-1])
