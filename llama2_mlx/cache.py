@@ -159,14 +159,14 @@ class SharedPrefixKVCache:
     cache, which costs K times the prompt's KV memory (and bandwidth) instead.
     """
 
-    def __init__(self, prefix: KVCache, k: int):
+    def __init__(self, prefix: KVCache):
         if prefix.keys is None or prefix.keys.shape[0] != 1 or prefix.left_padding is not None:
             raise ValueError("a shared prefix must be a prefilled batch-1 cache without padding")
         n = prefix.offset
         self.prefix_keys = prefix.keys[..., :n, :]  # (1, n_kv_heads, P, head_dim)
         self.prefix_values = prefix.values[..., :n, :]
-        self.prefix_len, self.k = n, k
-        self.own = KVCache()  # (k, n_kv_heads, S, head_dim)
+        self.prefix_len = n
+        self.own = KVCache()  # (K, n_kv_heads, S, head_dim): K set by the first update
 
     @property
     def offset(self) -> int:
@@ -219,12 +219,21 @@ def fork(cache: list, k: int) -> list:
     out = []
     for c in cache:
         if isinstance(c, KVCache) and c.left_padding is None and c.keys is not None:
-            out.append(SharedPrefixKVCache(c, k))
+            out.append(SharedPrefixKVCache(c))
         else:
             if c.keys is not None:
                 c.expand(k)
             out.append(c)
     return out
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all ``seqs``."""
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
 
 
 class PromptCache:
@@ -242,9 +251,7 @@ class PromptCache:
     def reuse(self, ids: Sequence[int]) -> int:
         """Trim the cache to the longest prefix it shares with ``ids`` (at least one token
         of ``ids`` is left to run) and return that prefix's length."""
-        n, limit = 0, min(len(self.tokens), len(ids) - 1)
-        while n < limit and self.tokens[n] == ids[n]:
-            n += 1
+        n = min(common_prefix_length([self.tokens, ids]), len(ids) - 1)
         for c in self.cache:
             c.trim_to(n)
         self.tokens = list(ids[:n])

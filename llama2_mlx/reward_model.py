@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cache import common_prefix_length, fork, make_cache
 from .errors import Llama2Error
 from .model import LlamaModel, ModelArgs, Transformer
 from .reward_data import RATINGS, EncodedPair, PairBatch, encode_response, pad_right
@@ -140,15 +141,6 @@ def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], *, batch_siz
     return out
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all ``seqs``."""
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
-
-
 def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
                         pad_id: int = 0) -> list[float]:
     """The rewards of sequences that share a prefix (K answers to one prompt), as one batch.
@@ -158,8 +150,6 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
     ``score_sequences`` up to float rounding. Without a shared prefix it is
     ``score_sequences``.
     """
-    from .cache import fork, make_cache
-
     if len(seqs) < 2:
         return score_sequences(rm, seqs, pad_id=pad_id)
     L = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)  # >= 1 token left per row
