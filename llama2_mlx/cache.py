@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
+from .errors import Llama2Error
+
 
 class KVCache:
     """A growing cache (in steps of ``step`` tokens).
@@ -89,7 +91,7 @@ class BoundedKVCache:
 
     def __init__(self, max_size: int, keep: int = 4):
         if max_size <= keep:
-            raise ValueError(f"max_kv_size {max_size} must be larger than keep={keep}")
+            raise Llama2Error(f"--max-kv-size {max_size} must be larger than keep={keep}")
         self.max_size, self.keep = max_size, keep
         self.window = max_size - keep
         self.keys: Optional[mx.array] = None
@@ -165,18 +167,14 @@ class SharedPrefixKVCache:
         n = prefix.offset
         self.prefix_keys = prefix.keys[..., :n, :]  # (1, n_kv_heads, P, head_dim)
         self.prefix_values = prefix.values[..., :n, :]
-        self.prefix_len = n
         self.own = KVCache()  # (K, n_kv_heads, S, head_dim): K set by the first update
 
     @property
     def offset(self) -> int:
-        return self.prefix_len + self.own.offset
+        return self.prefix_keys.shape[2] + self.own.offset
 
     def make_mask(self, T: int):
         return None  # ``attend`` applies causality within the new tokens itself
-
-    def update_and_fetch(self, keys, values):
-        raise NotImplementedError("SharedPrefixKVCache is used through attend()")
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
         """Attention output (K, H, T, hd) of queries q (K, H, T, hd) over the prompt and
@@ -185,7 +183,8 @@ class SharedPrefixKVCache:
             raise ValueError("SharedPrefixKVCache applies its own (causal) mask")
         own_k, own_v = self.own.update_and_fetch(k, v)  # (K, Hkv, S, hd), S = own tokens so far
         K, H, T, D = q.shape
-        Hkv, P, S = self.prefix_keys.shape[1], self.prefix_len, own_k.shape[2]
+        _, Hkv, P, _ = self.prefix_keys.shape
+        S = own_k.shape[2]
         G = H // Hkv  # query heads per KV head
         q = q * scale
         # (K, H, T, hd) -> (1, Hkv, K*G*T, hd): every query of one KV head, all K rows at once.
@@ -197,8 +196,7 @@ class SharedPrefixKVCache:
             qpos = mx.arange(S - T, S)
             visible = mx.arange(S)[None] <= qpos[:, None]  # (T, S)
             s_own = mx.where(mx.tile(visible, (G, 1)), s_own, -float("inf"))
-        probs = mx.softmax(mx.concatenate([s_prefix, s_own], axis=-1).astype(mx.float32), axis=-1)
-        probs = probs.astype(q.dtype)
+        probs = mx.softmax(mx.concatenate([s_prefix, s_own], axis=-1), axis=-1, precise=True)
         p_prefix = probs[..., :P].transpose(1, 0, 2, 3).reshape(1, Hkv, K * G * T, P)
         out = (p_prefix @ self.prefix_values).reshape(Hkv, K, G, T, D).transpose(1, 0, 2, 3, 4)
         out = out.reshape(K, H, T, D) + (probs[..., P:] @ own_v).reshape(K, H, T, D)
@@ -263,7 +261,7 @@ def make_cache(model, max_kv_size: Optional[int] = None, left_padding=None) -> l
     n = len(model.layers)
     if max_kv_size is not None:
         if left_padding is not None:
-            raise ValueError("--max-kv-size cannot be combined with batched prompts yet")
+            raise Llama2Error("--max-kv-size cannot be combined with batched prompts yet")
         return [BoundedKVCache(max_kv_size) for _ in range(n)]
     return [KVCache(left_padding) for _ in range(n)]
 

@@ -80,11 +80,10 @@ class Response:
     cached_tokens: int = 0  # prompt tokens taken from a PromptCache (not prefilled)
 
 
-def _processors(tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
+def _processors(config: GenerationConfig, n: Optional[int]) -> list[LogitsProcessor]:
     """The config's processors, plus a guard for embeddings with rows beyond the
-    tokenizer's pieces (padded vocabularies): those ids could not be decoded."""
+    tokenizer's ``n`` pieces (padded vocabularies): those ids could not be decoded."""
     processors = config.make_logits_processors()
-    n = getattr(tokenizer, "vocab_size", None)
 
     def only_pieces(tokens: mx.array, logits: mx.array) -> mx.array:
         if logits.shape[-1] <= n:
@@ -93,13 +92,6 @@ def _processors(tokenizer, config: GenerationConfig) -> list[LogitsProcessor]:
         return mx.concatenate([logits[..., :n], pad], axis=-1)
 
     return processors + ([only_pieces] if n is not None else [])
-
-
-def _make_cache(model, max_kv_size, left_padding=None):
-    try:
-        return make_cache(model, max_kv_size=max_kv_size, left_padding=left_padding)
-    except ValueError as e:
-        raise Llama2Error(str(e)) from None
 
 
 def _prefill(model, tokens: mx.array, cache: list, step: int) -> mx.array:
@@ -124,6 +116,7 @@ def generate_step(
     max_kv_size: Optional[int] = None,
     prefill_step: int = 512,
     max_tokens: Optional[int] = None,
+    history: Optional[mx.array] = None,
 ) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield (token, logprobs) for each new token after ``prompt``.
 
@@ -132,7 +125,9 @@ def generate_step(
     prefilled in chunks of ``prefill_step``; each next step is queued with
     ``mx.async_eval`` before the current token is yielded. ``cache`` (one per
     layer, updated in place) defaults to a new one, bounded by ``max_kv_size``.
-    Runs until ``max_tokens`` tokens (None: until the caller stops).
+    Runs until ``max_tokens`` tokens (None: until the caller stops). The logits
+    processors see ``history`` (B, L) (default: the prompt) and the new tokens:
+    with a cache that already holds tokens, the whole sequence rather than ``prompt``.
     """
     prompt = prompt if isinstance(prompt, mx.array) else mx.array(prompt)
     single = prompt.ndim == 1
@@ -140,10 +135,10 @@ def generate_step(
     if tokens.ndim != 2 or tokens.shape[1] == 0:
         raise Llama2Error("the prompt has no tokens")
     if cache is None:
-        cache = _make_cache(model, max_kv_size)
+        cache = make_cache(model, max_kv_size)
     sampler = sampler or greedy
     processors = list(logits_processors or [])
-    history, B = tokens, tokens.shape[0]
+    history, B = (tokens if history is None else history), tokens.shape[0]
 
     def step(inp: mx.array) -> tuple[mx.array, mx.array]:
         logits = model(inp, cache=cache)[:, -1, :].astype(mx.float32)
@@ -231,19 +226,16 @@ def stream_generate(
     if config.seed is not None:
         mx.random.seed(config.seed)
     ids = list(prompt_ids)
-    processors = _processors(tokenizer, config)
     if prompt_cache is not None and config.max_kv_size is None:
         cache, cached = prompt_cache.cache, prompt_cache.reuse(ids)
-        if cached:  # the processors still see the whole prompt as history
-            prefix = mx.array(ids[:cached])[None]
-            processors = [_with_prefix(p, prefix) for p in processors]
     else:
-        prompt_cache, cache, cached = None, _make_cache(model, config.max_kv_size), 0
+        prompt_cache, cache, cached = None, make_cache(model, config.max_kv_size), 0
     detok, stops = tokenizer.detokenizer(), StopStrings(config.stop)
     steps = generate_step(
         model, mx.array(ids[cached:]), cache=cache, sampler=config.make_sampler(),
-        logits_processors=processors, prefill_step=config.prefill_step,
-        max_tokens=config.max_tokens,
+        logits_processors=_processors(config, tokenizer.vocab_size),
+        prefill_step=config.prefill_step, max_tokens=config.max_tokens,
+        history=mx.array(ids)[None],  # the processors see the whole prompt, cached or not
     )
     P = len(ids)
     tic = time.perf_counter()
@@ -343,24 +335,22 @@ def batch_generate(
     pads = [L - len(p) for p in prompts]
     # Padding with the row's first id keeps the repetition-penalty context exact.
     rows = [[p[0]] * pad + list(p) for p, pad in zip(prompts, pads)]
-    cache = _make_cache(model, config.max_kv_size, pads if any(pads) else None)
+    cache = make_cache(model, config.max_kv_size, pads if any(pads) else None)
     steps = generate_step(
         model, mx.array(rows), cache=cache, sampler=config.make_sampler(),
-        logits_processors=_processors(tokenizer, config), prefill_step=config.prefill_step,
+        logits_processors=_processors(config, tokenizer.vocab_size), prefill_step=config.prefill_step,
         max_tokens=config.max_tokens,
     )
     return _collect(steps, len(rows), tokenizer.eos_id, config.max_tokens).tokens
 
 
-def _with_prefix(process: LogitsProcessor, prefix: mx.array) -> LogitsProcessor:
-    return lambda tokens, logits: process(mx.concatenate([prefix, tokens], axis=1), logits)
-
-
 def sample_k(
-    model, prompt_ids: Sequence[int], k: int, config: GenerationConfig, eos_id: int
+    model, prompt_ids: Sequence[int], k: int, config: GenerationConfig, eos_id: int,
+    vocab_size: Optional[int] = None,
 ) -> Samples:
     """Draw ``k`` answers to one prompt: their token ids (cut at, excluding, EOS) and
-    whether each ended with EOS.
+    whether each ended with EOS; ids from ``vocab_size`` (the tokenizer's piece count)
+    up are never drawn.
 
     The prompt is prefilled once with batch 1; the k samples then decode as
     one batch over that one copy of its KV cache (``cache.fork``).
@@ -373,14 +363,13 @@ def sample_k(
     if config.seed is not None:
         mx.random.seed(config.seed)
     prompt = mx.array(list(prompt_ids))[None]
-    cache = _make_cache(model, config.max_kv_size)
+    cache = make_cache(model, config.max_kv_size)
     last = _prefill(model, prompt, cache, config.prefill_step)
     cache = fork(cache, k)  # the prompt's KV held once, shared by the k rows
-    prefix = mx.repeat(prompt[:, :-1], k, axis=0)
-    processors = [_with_prefix(p, prefix) for p in config.make_logits_processors()]
     steps = generate_step(
         model, mx.repeat(last, k, axis=0), cache=cache, sampler=config.make_sampler(),
-        logits_processors=processors, max_tokens=config.max_tokens,
+        logits_processors=_processors(config, vocab_size), max_tokens=config.max_tokens,
+        history=mx.repeat(prompt, k, axis=0),
     )
     return _collect(steps, k, eos_id, config.max_tokens)
 
@@ -410,7 +399,7 @@ class ChatSession:
         self.model, self.tokenizer, self.system = model, tokenizer, system
         config = config or GenerationConfig()
         self.config = dataclasses.replace(config, stop=list(config.stop) + list(SPECIAL_TAGS))
-        self.prompt_cache = PromptCache(model) if reuse_cache else None
+        self.prompt_cache = PromptCache(model) if reuse_cache and config.max_kv_size is None else None
         self.reset()
 
     def reset(self) -> None:

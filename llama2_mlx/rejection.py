@@ -186,7 +186,7 @@ def rejection_sample(
                 prompt = list(prompt)
                 t0 = time.perf_counter()
                 outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
-                                     tokenizer.eos_id)
+                                     tokenizer.eos_id, tokenizer.vocab_size)
                 t1 = time.perf_counter()
                 texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
                 finished = [e or c for e, c in zip(eos, cut)]

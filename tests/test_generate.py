@@ -153,7 +153,7 @@ def test_batched_generation_equals_one_by_one(model, penalty):
     # Pick an "EOS" that one sequence emits early, so rows finish at different steps.
     eos = refs[0][2]
     want = [r[: r.index(eos)] if eos in r else r for r in refs]
-    got = batch_generate(model, SimpleNamespace(eos_id=eos), ps, config)
+    got = batch_generate(model, SimpleNamespace(eos_id=eos, vocab_size=None), ps, config)
     assert got == want and len(got[0]) == 2
 
 
@@ -229,6 +229,11 @@ def test_padded_vocabulary_never_samples_undecodable_ids(spm_path):
     assert isinstance(text, str)
     rows = batch_generate(model, tok, [tok.encode("hello"), tok.encode("a b c")], config)
     assert all(t < tok.vocab_size for row in rows for t in row)
+    k = sample_k(model, tok.encode("hello"), 4, config, tok.eos_id, tok.vocab_size).tokens
+    assert all(t < tok.vocab_size for row in k for t in row) and sum(map(len, k)) > 0
+    # Without the guard the extra rows win (so the test above can fail).
+    assert any(t >= tok.vocab_size for row in sample_k(model, tok.encode("hello"), 4, config,
+                                                        tok.eos_id).tokens for t in row)
 
 
 def test_prompt_cache_reuses_the_shared_prefix_only():
