@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -41,6 +42,28 @@ def atomic_file(path, suffix: str = ".tmp") -> Iterator[str]:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_dir(path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` for the block to fill; it replaces ``path`` when
+    the block succeeds (an existing folder is renamed aside first, so a complete one is
+    always there) and is removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -74,21 +97,13 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically and drop all but the newest ``keep``."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = _step_dir(root, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         mx.save_safetensors(str(tmp / PARAMS_FILE), dict(params))
         opt = {k: v for k, v in tree_flatten(optimizer_state) if isinstance(v, mx.array)}
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), opt)
         with open(tmp / STATE_FILE, "w") as f:
             json.dump({**state, "step": step}, f, indent=2)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .checkpoint import atomic_dir
 from .errors import Llama2Error
 from .hub import PathLike, _one_line, resolve
 from .model import Transformer
@@ -107,9 +106,7 @@ def save_model(
         raise Llama2Error("save_model: quantization given, but the model has no quantized layers")
     quantization = quantization or found
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         os.chmod(tmp, 0o755)
         weights = dict(tree_flatten(model.parameters()))
         config = model.args.to_hf_config()
@@ -140,16 +137,6 @@ def save_model(
             (tmp / "tokenizer_config.json").write_text(
                 json.dumps(_hf_tokenizer_config(Path(tokenizer_path)), indent=2) + "\n"
             )
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
