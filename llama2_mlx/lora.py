@@ -198,14 +198,12 @@ def save_adapters(model: nn.Module, adapter_path, config: LoRAConfig, **extra) -
 
 def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
     """(fine_tune_type, LoRAConfig) from an adapter folder written by us or mlx-lm."""
+    from .loader import _read_json
+
     path = Path(adapter_path) / ADAPTER_CONFIG
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise Llama2Error(f"--adapter-path: {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise Llama2Error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not path.is_file():
+        raise Llama2Error(f"--adapter-path: {path} not found")
+    cfg = _read_json(path)
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "full"):
         raise Llama2Error(f"{path}: fine_tune_type '{kind}' is not supported (lora or full)")
@@ -231,7 +229,9 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     wfile = Path(adapter_path) / ADAPTER_WEIGHTS
     if not wfile.exists():
         raise Llama2Error(f"--adapter-path: {wfile} not found")
-    weights = mx.load(str(wfile))
+    from .loader import _read_safetensors
+
+    weights = _read_safetensors(wfile)
     if kind == "lora":
         # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
         config.num_layers = min(config.num_layers, len(model.layers))

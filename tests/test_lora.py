@@ -178,3 +178,19 @@ def test_fuse_lora_merges_the_update():
     assert not lora_layers(model)
     assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)
     np.testing.assert_allclose(np.array(model(TOKENS)), np.array(want), atol=1e-4)
+
+
+def test_bad_adapter_files_are_one_line_errors(tmp_path):
+    from llama2_mlx.errors import Llama2Error
+    from llama2_mlx.lora import load_adapters, read_adapter_config
+
+    from conftest import make_model
+
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(Llama2Error, match="adapter_config.json: expected a JSON object"):
+        read_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 2, "scale": 1.0}}))
+    (tmp_path / "adapters.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
+    with pytest.raises(Llama2Error, match="adapters.safetensors: truncated or corrupt"):
+        load_adapters(make_model(), tmp_path)
