@@ -45,8 +45,9 @@ class Sample:
         return sum(self.targets[1:])
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a JSONL file."""
+def read_jsonl(path, strings: bool = False) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSONL file (``strings``: a bare
+    JSON string ``s`` is accepted as the record ``{"prompt": s}``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -62,6 +63,8 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise Llama2Error(f"{path} line {i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if strings and isinstance(rec, str):
+            rec = {"prompt": rec}
         if not isinstance(rec, dict):
             raise Llama2Error(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
         records.append((i, rec))

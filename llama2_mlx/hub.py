@@ -71,6 +71,13 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+def reference(path_or_repo: PathLike) -> str:
+    """How a model is recorded and compared: an existing local path made absolute,
+    anything else (a hub repo id) as given."""
+    p = Path(str(path_or_repo)).expanduser()
+    return str(p.resolve()) if p.exists() else str(path_or_repo)
+
+
 def resolve(path_or_repo: PathLike) -> Path:
     """A local checkpoint folder (a file stands for its folder), downloading a repo id."""
     p = Path(path_or_repo).expanduser()

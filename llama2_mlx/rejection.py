@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import mlx.core as mx
 
 from .checkpoint import write_json_atomic, write_jsonl_atomic
+from .data import read_jsonl
 from .errors import Llama2Error
 from .generate import GenerationConfig, batch_generate, sample_k
 from .progress import ProgressBar, log_stderr
@@ -39,29 +40,14 @@ def read_prompts(path) -> list[list[dict]]:
     """Prompts of a JSONL file as chat messages ending with a user turn: records with a
     ``"prompt"`` (string or messages, optional ``"system"``) or ``"messages"`` (a trailing
     assistant turn, as in ``lora-train`` data, is dropped), or bare JSON strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise Llama2Error(f"{path}: prompts file not found")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    for n, line in lines:
+    for n, rec in read_jsonl(path, strings=True):
         where = f"{path} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise Llama2Error(f"{where}: invalid JSON ({e.msg})") from None
-        if isinstance(rec, str):
-            rec = {"prompt": rec}
-        if not isinstance(rec, dict):
-            raise Llama2Error(f"{where}: expected a JSON object or string")
         msgs = rec.get("messages")
         if "prompt" not in rec and isinstance(msgs, list) and msgs \
                 and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             rec = {"messages": msgs[:-1]}
         prompts.append(prompt_messages(rec, where))
-    if not prompts:
-        raise Llama2Error(f"{path}: no prompts")
     return prompts
 
 
@@ -190,11 +176,9 @@ def rejection_sample(
                 t1 = time.perf_counter()
                 texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
                 finished = [e or c for e, c in zip(eos, cut)]
-                seqs = [encode_response(rm_tokenizer, prompt, t, rm.args.max_seq_len)
+                seqs = [encode_response(rm_tokenizer, prompt, t, rm.max_len)
                         for t in texts]
-                rewards = []
-                for i in range(0, len(seqs), config.score_batch_size):
-                    rewards += score_shared_prefix(rm, seqs[i : i + config.score_batch_size])
+                rewards = score_shared_prefix(rm, seqs, batch_size=config.score_batch_size)
                 report.sample_seconds += t1 - t0
                 report.score_seconds += time.perf_counter() - t1
                 report.generated_tokens += sum(len(o) for o in outs)
@@ -230,7 +214,7 @@ def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
             texts += [_cut_at_tags(tokenizer.decode(o))[0] for o in outs]
     finally:
         policy.train(was_training)
-    seqs = [encode_response(rm_tokenizer, list(p), t, rm.args.max_seq_len)
+    seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
             for p, t in zip(prompts, texts)]
     return score_sequences(rm, seqs, batch_size=batch_size)
 
@@ -333,8 +317,7 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     if diff:
         raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
                           "use the same options, or a new --out")
-    lines = (out / SUMMARY_FILE).read_text().splitlines()
-    summaries = [IterationSummary(**json.loads(line)) for line in lines if line.strip()]
+    summaries = [IterationSummary(**rec) for _, rec in read_jsonl(out / SUMMARY_FILE)]
     if [s.iteration for s in summaries] != list(range(len(summaries))):
         raise Llama2Error(f"--resume: {out / SUMMARY_FILE} is not a run of iterations 0, 1, ...")
     pool: list[dict] = []
@@ -343,8 +326,7 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
         d = out / f"iter_{last:02d}"
         if not (d / "adapters" / "adapter_config.json").exists():
             raise Llama2Error(f"--resume: {d / 'adapters'} is missing (iteration {last})")
-        with open(d / "train.jsonl") as fh:
-            pool = [json.loads(line) for line in fh if line.strip()]
+        pool = [rec for _, rec in read_jsonl(d / "train.jsonl")]
     return summaries, pool
 
 

@@ -116,6 +116,7 @@ def prepare_reward_model(policy: Transformer, config: RewardTrainConfig, *, seed
 
     mx.random.seed(seed)
     rm = RewardModel.from_policy(policy)
+    rm.max_len = config.max_seq_len
     if config.fine_tune_type == "lora":
         apply_lora(rm, config.lora)
         rm.score.unfreeze()
@@ -164,7 +165,7 @@ def fit_reward_model(
         save_reward_model(
             rm, out_dir, base_model=base_model, fine_tune_type=config.fine_tune_type,
             lora_config=config.lora,
-            extra={"margin": config.margin, "max_seq_len": config.max_seq_len, "step": step,
+            extra={"margin": config.margin, "step": step,
                    "total_steps": total, "metrics": last},
         )
 
@@ -201,7 +202,7 @@ def evaluate_file(reward_model, data, *, margin: Optional[str] = None, batch_siz
     data = Path(data)
     path = data / "valid.jsonl" if data.is_dir() else data
     pairs = load_pairs(path, margin=margin)
-    enc = encode_pairs(tokenizer, pairs, config.get("max_seq_len") or rm.args.max_seq_len)
+    enc = encode_pairs(tokenizer, pairs, rm.max_len)
     return evaluate(rm, enc, batch_size=batch_size)
 
 
@@ -216,8 +217,7 @@ def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
     records = read_jsonl(data)
     items = [response_of(r, f"{data} line {n}") for n, r in records]
     rm, tokenizer = load_reward_model(reward_model, dtype=dtype)
-    config = read_reward_config(reward_model)
     scores = score_responses(rm, tokenizer, [p for p, _ in items], [r for _, r in items],
-                             batch_size=batch_size, max_len=config.get("max_seq_len"))
+                             batch_size=batch_size)
     write_jsonl_atomic(out, ({**r, key: s} for (_, r), s in zip(records, scores)))
     return scores

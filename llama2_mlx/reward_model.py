@@ -18,6 +18,7 @@ import numpy as np
 
 from .cache import common_prefix_length, fork, make_cache
 from .errors import Llama2Error
+from .hub import reference
 from .model import LlamaModel, ModelArgs, Transformer
 from .reward_data import RATINGS, EncodedPair, PairBatch, encode_response, pad_right
 
@@ -36,7 +37,9 @@ class RewardModel(nn.Module):
     returns the (B,) rewards read at position ``lengths - 1`` of each row (attention is
     causal, so the padding after a row's last token cannot change its reward).
     Parameter names match the policy's (``model.layers.0...``), so LoRA adapters of
-    either have the same keys; the head is ``score.weight`` of shape (1, dim).
+    either have the same keys; the head is ``score.weight`` of shape (1, dim). With a
+    ``cache``, the tokens continue the sequence already in it. Sequences longer than
+    ``max_len`` (once loaded: the length it was trained at) keep their last tokens.
     """
 
     def __init__(self, args: ModelArgs, backbone: Optional[LlamaModel] = None):
@@ -46,6 +49,7 @@ class RewardModel(nn.Module):
         # No bias: the pairwise loss is unchanged by a constant shift, so it would never train.
         self.score = nn.Linear(args.dim, 1, bias=False)
         self.score.weight = mx.random.normal((1, args.dim)) * args.dim**-0.5
+        self.max_len = args.max_seq_len
 
     @classmethod
     def from_policy(cls, policy: Transformer) -> "RewardModel":
@@ -56,8 +60,8 @@ class RewardModel(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def __call__(self, tokens: mx.array, lengths: mx.array) -> mx.array:
-        h = self.model(tokens)  # (B, T, dim) after the final norm
+    def __call__(self, tokens: mx.array, lengths: mx.array, cache=None) -> mx.array:
+        h = self.model(tokens, cache=cache)  # (B, T, dim) after the final norm
         last = h[mx.arange(h.shape[0]), lengths - 1]  # (B, dim) at each row's last real token
         return self.score(last.astype(self.score.weight.dtype))[:, 0]
 
@@ -142,31 +146,32 @@ def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], *, batch_siz
 
 
 def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
-                        pad_id: int = 0) -> list[float]:
+                        batch_size: Optional[int] = None, pad_id: int = 0) -> list[float]:
     """The rewards of sequences that share a prefix (K answers to one prompt), as one batch.
 
     The shared prefix is run once with batch 1 into a KV cache, which every sequence
     reads (``cache.fork``: one copy) and only the (right-padded) remainders are run; equal to
-    ``score_sequences`` up to float rounding. Without a shared prefix it is
-    ``score_sequences``.
+    ``score_sequences`` up to float rounding; the remainders run ``batch_size`` at a time
+    (default: all at once). Without a shared prefix it is ``score_sequences``.
     """
+    batch_size = batch_size or max(len(seqs), 1)
     if len(seqs) < 2:
-        return score_sequences(rm, seqs, pad_id=pad_id)
+        return score_sequences(rm, seqs, batch_size=batch_size, pad_id=pad_id)
     L = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)  # >= 1 token left per row
     if L < 1:
-        return score_sequences(rm, seqs, batch_size=len(seqs), pad_id=pad_id)
+        return score_sequences(rm, seqs, batch_size=batch_size, pad_id=pad_id)
     was_training = rm.training
     rm.eval()
     try:
-        cache = make_cache(rm)
-        rm.model(mx.array([list(seqs[0][:L])]), cache=cache)
-        mx.eval([(c.keys, c.values) for c in cache])
-        cache = fork(cache, len(seqs))
-        tokens, lengths = pad_right([s[L:] for s in seqs], pad_id)
-        h = rm.model(tokens, cache=cache)  # (K, T, dim) for positions L .. L+T-1
-        last = h[mx.arange(h.shape[0]), lengths - 1]
-        r = rm.score(last.astype(rm.score.weight.dtype))[:, 0].astype(mx.float32)
-        return r.tolist()
+        prefix = make_cache(rm)
+        rm.model(mx.array([list(seqs[0][:L])]), cache=prefix)
+        mx.eval([(c.keys, c.values) for c in prefix])
+        rewards: list[float] = []
+        for i in range(0, len(seqs), batch_size):
+            tokens, lengths = pad_right([s[L:] for s in seqs[i : i + batch_size]], pad_id)
+            cache = fork(prefix, tokens.shape[0])  # every chunk reads the one prefilled prompt
+            rewards += rm(tokens, lengths, cache=cache).astype(mx.float32).tolist()
+        return rewards
     finally:
         rm.train(was_training)
 
@@ -177,7 +182,7 @@ def score_responses(rm: RewardModel, tokenizer, prompts: Sequence[Sequence[dict]
     """The reward of each (prompt messages, response text) pair of the two lists."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    max_len = max_len or rm.args.max_seq_len
+    max_len = max_len or rm.max_len
     seqs = [encode_response(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
     return score_sequences(rm, seqs, batch_size=batch_size)
 
@@ -193,11 +198,6 @@ def evaluate(rm: RewardModel, pairs: Sequence[EncodedPair], *, batch_size: int =
 
 
 # --------------------------------------------------------------------------- save / load
-
-
-def _base_ref(base_model) -> str:
-    p = Path(str(base_model)).expanduser()
-    return str(p.resolve()) if p.exists() else str(base_model)
 
 
 def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: str = "lora",
@@ -223,8 +223,9 @@ def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: s
     else:
         raise Llama2Error(f"fine_tune_type must be lora or full, not {fine_tune_type!r}")
     save_safetensors_atomic(out / HEAD_NAME, {"score.weight": rm.score.weight})
-    config = {"model_type": "llama2_reward_model", "base_model": _base_ref(base_model),
-              "fine_tune_type": fine_tune_type, "dim": rm.args.dim, **(extra or {})}
+    config = {"model_type": "llama2_reward_model", "base_model": reference(base_model),
+              "fine_tune_type": fine_tune_type, "dim": rm.args.dim, "max_seq_len": rm.max_len,
+              **(extra or {})}
     write_json_atomic(out / CONFIG_NAME, config)
     return out
 
@@ -268,6 +269,7 @@ def load_reward_model(path, *, dtype=None, base_model=None, shared=None):
         _load_checked(rm, path / BACKBONE_NAME, prefix="model.")
     _load_checked(rm, path / HEAD_NAME, prefix="score.")
     rm.score.weight = rm.score.weight.astype(mx.float32)
+    rm.max_len = config.get("max_seq_len") or rm.max_len
     rm.eval()
     mx.eval(rm.parameters())
     return rm, tokenizer

@@ -12,12 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .hub import PathLike, resolve
-
-
-def _local(path_or_repo: PathLike) -> Optional[Path]:
-    p = Path(str(path_or_repo)).expanduser()
-    return p.resolve() if p.exists() else None
+from .hub import PathLike, reference, resolve
 
 
 @dataclass
@@ -41,12 +36,8 @@ class SharedBase:
 
     def serves(self, path_or_repo: PathLike, dtype: Optional[str] = None) -> bool:
         """Whether ``path_or_repo`` loaded with ``dtype`` is this base."""
-        if dtype != self.dtype:
-            return False
-        if str(path_or_repo) == self.ref:
-            return True
-        local = _local(path_or_repo)
-        return local is not None and local == self.folder
+        return dtype == self.dtype and reference(path_or_repo) in (
+            reference(self.ref), str(self.folder))
 
     def shared_by(self, module) -> bool:
         """Whether ``module`` runs on this base's arrays (rather than a copy of them)."""

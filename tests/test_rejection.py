@@ -281,6 +281,9 @@ def test_read_prompts_formats_and_errors(tmp_path):
     f.write_text(json.dumps({"prompt": "ok"}) + "\n" + "{oops\n")
     with pytest.raises(Llama2Error, match=r"p.jsonl line 2: invalid JSON"):
         read_prompts(f)
+    f.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(Llama2Error, match=r"p.jsonl: not UTF-8 text"):
+        read_prompts(f)
     f.write_text(json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(Llama2Error, match=r"p.jsonl line 1: needs a 'prompt' or 'messages'"):
         read_prompts(f)

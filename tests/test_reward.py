@@ -137,6 +137,10 @@ def test_shared_prefix_scoring_equals_scoring_each_sequence():
     prompt = rng.randint(3, 500, 20).tolist()
     seqs = [prompt + rng.randint(3, 500, n).tolist() for n in (1, 6, 3)]
     np.testing.assert_allclose(score_shared_prefix(rm, seqs), score_sequences(rm, seqs), atol=1e-5)
+    many = seqs + [prompt + rng.randint(3, 500, n).tolist() for n in (2, 5)]
+    # In chunks of 2 (the prompt is still prefilled once), order kept.
+    np.testing.assert_allclose(score_shared_prefix(rm, many, batch_size=2),
+                               score_sequences(rm, many), atol=1e-5)
     assert common_prefix_length(seqs) >= 20
     nested = [prompt[:4], prompt[:9]]  # one is a prefix of the other
     np.testing.assert_allclose(score_shared_prefix(rm, nested), score_sequences(rm, nested), atol=1e-5)
@@ -205,6 +209,7 @@ def test_saved_folder_scores_the_same(tmp_path, model_dir, tok, kind):
             else {"backbone.safetensors"}) <= names
     loaded, tok2 = load_reward_model(out)
     np.testing.assert_allclose(score_responses(loaded, tok2, prompts, answers), want, atol=1e-5)
+    assert rm.max_len == loaded.max_len == RewardTrainConfig().max_seq_len  # one truncation length
     mx.save_safetensors(str(out / "head.safetensors"), {"score.weight": mx.zeros((1, 3))})
     with pytest.raises(Llama2Error, match=r"head.safetensors: tensor score.weight has shape \(1, 3\)"):
         load_reward_model(out)
