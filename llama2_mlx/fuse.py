@@ -19,10 +19,10 @@ from mlx.utils import tree_flatten, tree_map
 
 from llama2_mlx.checkpoint import atomic_file
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.loader import DTYPES, _cast, hf_to_meta_rows, meta_to_hf_rows
 from llama2_mlx.lora import dequantize_model, fuse_lora, lora_layers
 
 FORMATS = ("mlx", "hf", "gguf")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # Internal (HF) name -> llama.cpp name; "{i}" is the layer.
 GGUF_NAMES = {
@@ -51,20 +51,6 @@ def _gguf_name(name: str) -> str:
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
     raise Llama2Error(f"gguf: no llama.cpp name for tensor {name}")
-
-
-def to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """q/k rows from the rotate-half order (HF) to Meta's interleaved pairs (llama.cpp)."""
-    rows, cols = w.shape
-    # Per head: (2, hd/2) halves -> (hd/2, 2) pairs.
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def from_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The inverse of ``to_interleaved``."""
-    rows, cols = w.shape
-    # Per head: (hd/2, 2) pairs -> (2, hd/2) halves.
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def _sentencepiece_vocab(tokenizer_path) -> tuple[list[bytes], list[float], list[int], dict]:
@@ -134,9 +120,9 @@ def write_gguf(model: nn.Module, path, tokenizer_path, dtype: str = "f16") -> Pa
                 raise Llama2Error(f"gguf: tensor {name} is quantized; fuse with --dequantize")
             arr = np.array(a.astype(mx.float32))
             if name.endswith("self_attn.q_proj.weight"):
-                arr = to_interleaved(arr, args.n_heads)
+                arr = hf_to_meta_rows(arr, args.n_heads)  # llama.cpp wants Meta's pairs
             elif name.endswith("self_attn.k_proj.weight"):
-                arr = to_interleaved(arr, args.n_kv_heads)
+                arr = hf_to_meta_rows(arr, args.n_kv_heads)
             # llama.cpp keeps 1-D tensors (the norms) in f32.
             w.add_tensor(_gguf_name(name), arr if arr.ndim == 1 else arr.astype(np_dtype))
         w.write_header_to_file()
@@ -173,9 +159,9 @@ def read_gguf_model(path) -> nn.Module:
         name = by_gguf[t.name]
         arr = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
         if name.endswith("self_attn.q_proj.weight"):
-            arr = from_interleaved(arr, args.n_heads)
+            arr = meta_to_hf_rows(arr, args.n_heads)
         elif name.endswith("self_attn.k_proj.weight"):
-            arr = from_interleaved(arr, args.n_kv_heads)
+            arr = meta_to_hf_rows(arr, args.n_kv_heads)
         weights.append((name, mx.array(arr)))
     model.load_weights(weights)
     return model
@@ -213,11 +199,5 @@ def fuse(
         name = "f32" if dtype == "float32" else "f16"
         return write_gguf(model, out / f"model-{name}.gguf", tokenizer.model_path, name)
     if dtype is not None:
-        _cast_floats(model, DTYPES[dtype])
+        model.update(tree_map(lambda a: _cast(a, DTYPES[dtype]), model.parameters()))
     return save_model(model, out, tokenizer.model_path)
-
-
-def _cast_floats(model: nn.Module, dtype) -> None:
-    model.update(tree_map(
-        lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()
-    ))

@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from conftest import make_model
-from llama2_mlx.fuse import from_interleaved, fuse, read_gguf_model, to_interleaved
+from llama2_mlx.fuse import fuse, read_gguf_model
+from llama2_mlx.loader import hf_to_meta_rows, meta_to_hf_rows
 from llama2_mlx.loader import load, load_model, quantize, save_model
 from llama2_mlx.lora import LoRAConfig, apply_lora, lora_layers, save_adapters
 
@@ -132,7 +133,7 @@ def test_gguf_has_llama_cpp_names_metadata_vocab_and_values(base, adapters, refe
     k = np.array(fused.layers[0].self_attn.k_proj.weight)
     np.testing.assert_array_equal(np.array(names["blk.0.attn_k.weight"].data).reshape(k.shape),
                                   explicit_interleave(k, a.n_kv_heads))
-    np.testing.assert_array_equal(from_interleaved(to_interleaved(q, a.n_heads), a.n_heads), q)
+    np.testing.assert_array_equal(meta_to_hf_rows(hf_to_meta_rows(q, a.n_heads), a.n_heads), q)
 
     diff = np.abs(np.array(read_gguf_model(path)(mx.array(TOKENS))) - reference).max()
     f16 = fuse(base, adapters, tmp_path / "gguf16", fmt="gguf")
