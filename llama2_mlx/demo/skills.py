@@ -20,7 +20,6 @@ Every function here takes the name of a skill or of a bundled task
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from llama2_mlx.demo import tasks as T
+from llama2_mlx.checkpoint import write_jsonl_atomic
 from llama2_mlx.errors import Llama2Error
 
 # ----------------------------------------------------------------------------- skills
@@ -141,14 +141,6 @@ def examples(name: str, n: int, seed: int, split: str = "train",
 # ----------------------------------------------------------------------------- files
 
 
-def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return path
-
-
 def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: float = 0.5,
                      seed: int = 0) -> dict[str, int]:
     """``lora-train`` data for a skill (or task) in folder ``out``: ``train.jsonl`` and
@@ -178,7 +170,7 @@ def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: 
     files = {"train": train, "valid": held[:half], "test": held[half : 2 * half]}
     out = Path(out)
     for split, exs in files.items():
-        _write_jsonl(out / f"{split}.jsonl", [{"messages": T.to_messages(e)} for e in exs])
+        write_jsonl_atomic(out / f"{split}.jsonl", [{"messages": T.to_messages(e)} for e in exs])
     return {f"{split}.jsonl": len(exs) for split, exs in files.items()} | {"replay": len(old)}
 
 
@@ -315,7 +307,7 @@ def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
     files = {"train.jsonl": pair_records(names, n, seed, "train", sampler=sampler),
              "valid.jsonl": pair_records(names, n_valid, seed, "heldout", sampler=sampler)}
     for file, records in files.items():
-        _write_jsonl(Path(out) / file, records)
+        write_jsonl_atomic(Path(out) / file, records)
     return PairsWritten({file: len(records) for file, records in files.items()},
                         sum(r["source"] == "model" for rs in files.values() for r in rs))
 
@@ -332,7 +324,7 @@ def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
         raise Llama2Error(f"--split must be one of {', '.join(T.SPLITS)}, not {split!r}")
     records = [{"prompt": e.question, "task": name} for name in names
                for e in examples(name, n, seed, split, unique=True)]
-    _write_jsonl(Path(out), records)
+    write_jsonl_atomic(Path(out), records)
     return len(records)
 
 
