@@ -73,15 +73,13 @@ def reward_train(
 ) -> None:
     """Train a reward model on preference pairs (loss -log sigmoid(r_chosen - r_rejected - margin))."""
     from llama2_mlx.lora import LoRAConfig
-    from llama2_mlx.reward import RewardTrainConfig, train_reward_model
+    from llama2_mlx.reward import RewardTrainConfig, paper_train_config, train_reward_model
     from llama2_mlx.sft import resolve_keys
-    from llama2_mlx.trainer import TrainConfig
 
-    lr = lr if lr is not None else (1e-4 if fine_tune_type is FineTune.lora else 1e-5)
-    train = TrainConfig(lr=lr, betas=(0.9, 0.95), eps=1e-5, weight_decay=weight_decay, clip=clip,
-                        grad_accum=grad_accum, epochs=epochs, iters=iters, save_every=save_every,
-                        resume=resume, grad_checkpoint=grad_checkpoint, seed=seed,
-                        progress=not no_progress, description="reward-train")
+    train = paper_train_config(fine_tune_type.value, lr=lr, weight_decay=weight_decay, clip=clip,
+                               grad_accum=grad_accum, epochs=epochs, iters=iters,
+                               save_every=save_every, resume=resume, grad_checkpoint=grad_checkpoint,
+                               seed=seed, progress=not no_progress)
     lora = LoRAConfig(rank, scale, 0.0, resolve_keys(keys.split(",") if keys else None), num_layers)
     config = RewardTrainConfig(train, fine_tune_type.value, lora, batch_size, warmup=warmup,
                                eval_every=eval_every, max_seq_len=max_seq_len, margin=margin.value)

@@ -47,6 +47,17 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- training
 
 
+def paper_train_config(fine_tune_type: str = "lora", **options) -> "TrainConfig":
+    """The paper's reward-model optimizer recipe (one epoch, cosine to 10%; AdamW as in
+    pretraining; lr 1e-4 for LoRA, 1e-5 for full) with ``options`` (a ``TrainConfig``
+    field each; None keeps the recipe's value) on top."""
+    from .trainer import TrainConfig
+
+    recipe = dict(lr=1e-4 if fine_tune_type == "lora" else 1e-5, betas=(0.9, 0.95), eps=1e-5,
+                  weight_decay=0.1, description="reward-train")
+    return TrainConfig(**{**recipe, **{k: v for k, v in options.items() if v is not None}})
+
+
 @dataclass
 class RewardTrainConfig:
     """How to train a reward model: ``fine_tune_type`` "lora" (frozen base, LoRA and the
@@ -67,13 +78,9 @@ class RewardTrainConfig:
 
     def __post_init__(self):
         from .lora import LoRAConfig
-        from .trainer import TrainConfig
 
         if self.train is None:
-            # The paper's RM recipe: one epoch, cosine to 10%; AdamW as in pretraining.
-            self.train = TrainConfig(lr=1e-4 if self.fine_tune_type == "lora" else 1e-5,
-                                     betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, epochs=1,
-                                     description="reward-train")
+            self.train = paper_train_config(self.fine_tune_type)
         if self.lora is None:
             self.lora = LoRAConfig()
         if self.fine_tune_type not in ("lora", "full"):
