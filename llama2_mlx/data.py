@@ -266,7 +266,7 @@ class SFTBatches:
         self.lengths = lengths
 
     def _epoch_groups(self, epoch: int) -> list[list[int]]:
-        rng = np.random.RandomState((self.seed * 7919 + epoch) % 2**32)
+        rng = epoch_rng(self.seed, epoch)
         if self.pack:
             order = rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
             return [list(order[j : j + self.batch_size]) for j in range(0, len(order), self.batch_size)]
@@ -322,10 +322,16 @@ class SFTBatches:
         )
 
 
-class EpochBatches:
-    """The batches of one epoch, built when indexed."""
+def epoch_rng(seed: int, epoch: int) -> np.random.RandomState:
+    """The shuffling generator of one epoch: a pure function of (seed, epoch), so a resumed
+    run sees the same order."""
+    return np.random.RandomState((seed * 7919 + epoch) % 2**32)
 
-    def __init__(self, source: SFTBatches, groups: list[list[int]]):
+
+class EpochBatches:
+    """The batches of one epoch, built when indexed (``source.make_batch(group)``)."""
+
+    def __init__(self, source, groups: list[list[int]]):
         self.source, self.groups = source, groups
 
     def __len__(self) -> int:

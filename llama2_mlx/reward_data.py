@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .data import EpochBatches, epoch_rng, read_jsonl
 from .errors import Llama2Error
 
 # Table 27: margin m(r) by preference rating.
@@ -121,8 +122,6 @@ def parse_pair(record: dict, *, margin: str = "small", where: str = "pair") -> P
 
 def load_pairs(path: str | os.PathLike, *, margin: str = "small") -> list[PreferencePair]:
     """Read a preference JSONL file (see ``parse_pair``)."""
-    from .data import read_jsonl
-
     return [parse_pair(r, margin=margin, where=f"{path} line {n}") for n, r in read_jsonl(path)]
 
 
@@ -229,26 +228,13 @@ class PairBatches:
     def __len__(self) -> int:
         return -(-len(self.pairs) // self.batch_size)
 
-    def __call__(self, epoch: int) -> list:
+    def make_batch(self, group) -> PairBatch:
+        return PairBatch.from_pairs([self.pairs[j] for j in group])
+
+    def __call__(self, epoch: int) -> "EpochBatches":
         n = len(self.pairs)
-        order = (np.random.RandomState((self.seed * 7919 + epoch) % 2**32).permutation(n)
-                 if self.shuffle else np.arange(n))
-        groups = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
-        return _LazyBatches(self.pairs, groups)
-
-
-class _LazyBatches:
-    def __init__(self, pairs, groups):
-        self.pairs, self.groups = pairs, groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, i: int) -> PairBatch:
-        return PairBatch.from_pairs([self.pairs[j] for j in self.groups[i]])
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        order = epoch_rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
+        return EpochBatches(self, [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)])
 
 
 
