@@ -47,10 +47,10 @@ def data(
     """Write lora-train data (train/valid/test.jsonl, Llama 2 chat messages) for a skill."""
     from llama2_mlx.demo.skills import write_skill_data
 
-    counts = write_skill_data(skill, out, n=n, n_eval=n_eval, replay=replay, seed=seed)
-    old = counts.pop("replay")
-    typer.echo(f"wrote {', '.join(f'{f} ({c})' for f, c in counts.items())} to {out} "
-               f"(train.jsonl: {counts['train.jsonl'] - old} {skill}, {old} bundled-task replay)")
+    w = write_skill_data(skill, out, n=n, n_eval=n_eval, replay=replay, seed=seed)
+    typer.echo(f"wrote {', '.join(f'{f} ({c})' for f, c in w.records.items())} to {out} "
+               f"(train.jsonl: {w.records['train.jsonl'] - w.replay} {skill}, "
+               f"{w.replay} bundled-task replay)")
 
 
 @cli_errors

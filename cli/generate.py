@@ -27,14 +27,10 @@ KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N toke
 
 
 def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
-    if model is None:
-        from llama2_mlx.demo import DEMO_NOTE, default_model_path
-
-        model = default_model_path()
-        eprint(DEMO_NOTE)
+    from llama2_mlx.demo import model_or_demo
     from llama2_mlx.loader import load
 
-    return load(model, dtype=dtype_name(dtype), adapter_path=adapter_path)
+    return load(model_or_demo(model, eprint), dtype=dtype_name(dtype), adapter_path=adapter_path)
 
 
 def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):

@@ -72,8 +72,8 @@ def test_written_files_are_what_the_commands_read(tmp_path, tok):
     from llama2_mlx.reward import load_reward_data
     from llama2_mlx.rejection import read_prompts
 
-    assert S.write_skill_data("next", tmp_path / "d", n=20, n_eval=5, replay=0.5) == {
-        "train.jsonl": 40, "valid.jsonl": 5, "test.jsonl": 5, "replay": 20}
+    assert S.write_skill_data("next", tmp_path / "d", n=20, n_eval=5, replay=0.5) == S.SkillDataWritten(
+        {"train.jsonl": 40, "valid.jsonl": 5, "test.jsonl": 5}, replay=20)
     train = [json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "d" / "train.jsonl")]
     kinds = {next((t for t in T.TASKS if _solves(t, q)), "next") for q in train}
     assert kinds == set(T.TASKS) | {"next"}

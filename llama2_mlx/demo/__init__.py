@@ -10,6 +10,7 @@ trained on (and their checkers) are in ``llama2_mlx.demo.tasks``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 from llama2_mlx.errors import Llama2Error
 
@@ -46,3 +47,14 @@ def default_model_path() -> Path:
             "`python scripts/train_demo_model.py`); pass --model PATH_OR_REPO"
         )
     return ASSETS
+
+
+def model_or_demo(model, note: Optional[Callable[[str], None]] = None):
+    """``model``, or when it is None the bundled demo model's folder (telling ``note``
+    ``DEMO_NOTE``)."""
+    if model is not None:
+        return model
+    path = default_model_path()
+    if note is not None:
+        note(DEMO_NOTE)
+    return path

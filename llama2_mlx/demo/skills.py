@@ -141,8 +141,17 @@ def examples(name: str, n: int, seed: int, split: str = "train",
 # ----------------------------------------------------------------------------- files
 
 
+@dataclass
+class SkillDataWritten:
+    """What ``write_skill_data`` wrote: records per file, and how many of train.jsonl's
+    are bundled-task replay (the rest are the new skill)."""
+
+    records: dict[str, int]
+    replay: int
+
+
 def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: float = 0.5,
-                     seed: int = 0) -> dict[str, int]:
+                     seed: int = 0) -> SkillDataWritten:
     """``lora-train`` data for a skill (or task) in folder ``out``: ``train.jsonl`` and
     ``valid.jsonl`` / ``test.jsonl`` (``n_eval`` distinct held-out questions each, never
     seen in training), as ``{"messages": [user, assistant]}`` Llama 2 chat records.
@@ -150,7 +159,7 @@ def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: 
     ``train.jsonl`` holds ``n`` training-split questions of ``name`` plus, mixed in, a
     ``replay`` share of questions of the bundled tasks (their training split, evenly
     spread): fine-tuning a small model on the new skill alone makes it forget the old
-    ones. Returns the records per file (and the replayed ones under ``"replay"``).
+    ones. Returns a ``SkillDataWritten``.
     """
     check_name(name)
     if n < 1 or n_eval < 1:
@@ -171,7 +180,7 @@ def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: 
     out = Path(out)
     for split, exs in files.items():
         write_jsonl_atomic(out / f"{split}.jsonl", [{"messages": T.to_messages(e)} for e in exs])
-    return {f"{split}.jsonl": len(exs) for split, exs in files.items()} | {"replay": len(old)}
+    return SkillDataWritten({f"{split}.jsonl": len(exs) for split, exs in files.items()}, len(old))
 
 
 def _near_number(answer: str, rng: random.Random) -> tuple[str, str]:
@@ -379,8 +388,7 @@ def evaluate_model(model_path=None, name: str = "next", *, adapter_path=None,
     from llama2_mlx.loader import load
 
     check_name(name)
-    model, tokenizer = load(model_path if model_path is not None else demo.default_model_path(),
-                            adapter_path=adapter_path)
+    model, tokenizer = load(demo.model_or_demo(model_path), adapter_path=adapter_path)
     return evaluate(model, tokenizer, name, **kwargs)
 
 
