@@ -94,13 +94,16 @@ def _dequantize(m: nn.Module) -> mx.array:
     )
 
 
+def _adapted_count(num_layers: int, n: int) -> int:
+    # mlx-lm: layers[-max(num_layers, 0):], so -1 and 0 both mean all layers.
+    return n if num_layers <= 0 else num_layers
+
+
 def _layer_range(model: nn.Module, num_layers: int) -> range:
     n = len(model.layers)
     if num_layers > n:
         raise Llama2Error(f"--num-layers {num_layers}: the model has only {n} layers")
-    # mlx-lm: layers[-max(num_layers, 0):], so -1 and 0 both mean all layers.
-    k = n if num_layers <= 0 else num_layers
-    return range(n - k, n)
+    return range(n - _adapted_count(num_layers, n), n)
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -172,10 +175,9 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
 
 def adapter_config_dict(config: LoRAConfig, n_layers: int, **extra) -> dict:
     """The ``adapter_config.json`` mlx-lm reads (its keys first, our extra fields after)."""
-    num_layers = n_layers if config.num_layers <= 0 else config.num_layers
     return {
         "fine_tune_type": "lora",
-        "num_layers": num_layers,
+        "num_layers": _adapted_count(config.num_layers, n_layers),
         "lora_parameters": {
             "rank": config.rank, "scale": config.scale, "dropout": config.dropout,
             "keys": list(config.keys),
