@@ -20,8 +20,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from llama2_mlx.generate import generate_step
-from llama2_mlx.model import ModelArgs, Transformer, num_params
+from llama2_mlx.generation.generate import generate_step
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params
 
 
 def build_models(args):

@@ -27,12 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama2_mlx.data import Sample, SFTBatches  # noqa: E402
-from llama2_mlx.loader import load_model, save_model  # noqa: E402
-from llama2_mlx.lora import LoRAConfig, apply_lora  # noqa: E402
-from llama2_mlx.model import ModelArgs, Transformer, num_params  # noqa: E402
-from llama2_mlx.sft import sft_loss  # noqa: E402
-from llama2_mlx.trainer import TrainConfig, train  # noqa: E402
+from llama2_mlx.checkpoints.export import save_model
+from llama2_mlx.checkpoints.load import load_model
+from llama2_mlx.models.lora import LoRAConfig, apply_lora
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params
+from llama2_mlx.training.data import Sample, SFTBatches
+from llama2_mlx.training.sft import sft_loss
+from llama2_mlx.training.trainer import TrainConfig, train
 
 
 def make_data(path: Path, n: int, vocab: int, seed: int, prompt: tuple, answer: tuple) -> None:
@@ -70,7 +71,8 @@ def bench_mlx_lm(model_dir, data, args) -> list[dict]:
     length, so the first epoch pays the compilations and the second runs warm."""
     import mlx.optimizers as optim
     from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train as mlx_train
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches
+    from mlx_lm.tuner.trainer import train as mlx_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model as mlx_load_model
 

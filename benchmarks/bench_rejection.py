@@ -28,10 +28,14 @@ from unittest import mock
 import mlx.core as mx
 import numpy as np
 
-import llama2_mlx.generate as generate
-from llama2_mlx.generate import GenerationConfig, sample_k
-from llama2_mlx.model import ModelArgs, Transformer, num_params
-from llama2_mlx.reward import RewardModel, score_sequences, score_shared_prefix
+import llama2_mlx.generation.generate as generate
+from llama2_mlx.generation.generate import GenerationConfig, sample_k
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params
+from llama2_mlx.rlhf.reward_model import (
+    RewardModel,
+    score_sequences,
+    score_shared_prefix,
+)
 
 
 def build(args):

@@ -8,7 +8,7 @@ the embedding, as `llama2 convert -q` does; norms stay bf16.
 
 from __future__ import annotations
 
-from llama2_mlx.model import PRESETS, ModelArgs
+from llama2_mlx.models.model import PRESETS, ModelArgs
 
 
 def param_counts(a: ModelArgs) -> tuple[int, int]:

@@ -27,7 +27,7 @@ def fuse(
     dtype: Annotated[Optional[DType], typer.Option(help="Cast the float weights (gguf: float16 unless float32).")] = None,
 ) -> None:
     """Merge W + scale * (lora_a @ lora_b)^T into the base weights and write the model."""
-    from llama2_mlx.fuse import fuse as run
+    from llama2_mlx.checkpoints.fuse import fuse as run
 
     path = run(model, adapter_path, out, fmt=format.value, dequantize=dequantize,
                requantize=requantize, dtype=dtype_name(dtype))

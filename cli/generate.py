@@ -27,14 +27,14 @@ KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N toke
 
 
 def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
+    from llama2_mlx.checkpoints.load import load
     from llama2_mlx.demo import model_or_demo
-    from llama2_mlx.loader import load
 
     return load(model_or_demo(model, eprint), dtype=dtype_name(dtype), adapter_path=adapter_path)
 
 
 def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):
-    from llama2_mlx.generate import GenerationConfig
+    from llama2_mlx.generation.generate import GenerationConfig
 
     config = GenerationConfig(
         max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -56,7 +56,7 @@ def generate(
     max_kv_size: KVOpt = None,
 ) -> None:
     """Generate text for one prompt: the text streams to stdout, statistics to stderr."""
-    from llama2_mlx.generate import format_stats, prompt_ids, stream_generate
+    from llama2_mlx.generation.generate import format_stats, prompt_ids, stream_generate
 
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop,
                      max_kv_size)
@@ -80,7 +80,7 @@ def chat(
     adapter_path: AdapterOpt = None, max_kv_size: KVOpt = None,
 ) -> None:
     """Interactive multi-turn chat (/reset clears the history, /quit or end of input exits)."""
-    from llama2_mlx.generate import ChatSession, chat_loop
+    from llama2_mlx.generation.generate import ChatSession, chat_loop
 
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, None,
                      max_kv_size)

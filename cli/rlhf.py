@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DATA as _D, LORA as _P, TRAINING as _T
+from cli.common import DATA as _D
+from cli.common import LORA as _P
+from cli.common import TRAINING as _T
 from cli.common import DType, cli_errors, dtype_name, eprint, opt
 
 _S = "Sampling"
@@ -46,7 +48,7 @@ NoProgress = Annotated[bool, opt("Hide the progress bars.", _T, "--no-progress")
 
 
 def _gen(temp, top_p, top_k, max_tokens, seed):
-    from llama2_mlx.generate import GenerationConfig
+    from llama2_mlx.generation.generate import GenerationConfig
 
     return GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed)
 
@@ -72,9 +74,13 @@ def reward_train(
     seed: SeedOpt = 0, dtype: DTypeOpt = None, no_progress: NoProgress = False,
 ) -> None:
     """Train a reward model on preference pairs (loss -log sigmoid(r_chosen - r_rejected - margin))."""
-    from llama2_mlx.lora import LoRAConfig
-    from llama2_mlx.reward import RewardTrainConfig, paper_train_config, train_reward_model
-    from llama2_mlx.sft import resolve_keys
+    from llama2_mlx.models.lora import LoRAConfig
+    from llama2_mlx.rlhf.reward import (
+        RewardTrainConfig,
+        paper_train_config,
+        train_reward_model,
+    )
+    from llama2_mlx.training.sft import resolve_keys
 
     train = paper_train_config(fine_tune_type.value, lr=lr, weight_decay=weight_decay, clip=clip,
                                grad_accum=grad_accum, epochs=epochs, iters=iters,
@@ -96,7 +102,7 @@ def reward_eval(
     batch_size: Annotated[int, opt("Sequences per batch.")] = 16, dtype: DTypeOpt = None,
 ) -> None:
     """Accuracy (r_chosen > r_rejected), mean reward gap and accuracy per rating on held-out pairs."""
-    from llama2_mlx.reward import evaluate_file
+    from llama2_mlx.rlhf.reward import evaluate_file
 
     m = evaluate_file(reward_model, data, margin=margin.value if margin else None,
                       batch_size=batch_size, dtype=dtype_name(dtype))
@@ -113,7 +119,7 @@ def reward_score(
     batch_size: Annotated[int, opt("Sequences per batch.")] = 16, dtype: DTypeOpt = None,
 ) -> None:
     """Score prompt/response records with a reward model and write them out with their rewards."""
-    from llama2_mlx.reward import score_file
+    from llama2_mlx.rlhf.reward import score_file
 
     scores = score_file(reward_model, data, out, batch_size=batch_size, dtype=dtype_name(dtype))
     eprint(f"scored {len(scores)} responses (mean reward {sum(scores) / len(scores):.4f}) -> {out}")
@@ -131,7 +137,7 @@ def rejection_sample(
     no_progress: NoProgress = False,
 ) -> None:
     """Sample K answers per prompt (one shared prefill, batched decoding), keep the highest-reward one."""
-    from llama2_mlx.rejection import RSConfig, rejection_sample_files
+    from llama2_mlx.rlhf.rejection import RSConfig, rejection_sample_files
 
     config = RSConfig(k=k, generation=_gen(temp, top_p, top_k, max_tokens, seed))
     report = rejection_sample_files(model, reward_model, prompts, out, config,
@@ -161,8 +167,8 @@ def rs_loop(
     resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
-    from llama2_mlx.rejection import RSConfig, RSLoopConfig, rs_loop_files
-    from llama2_mlx.sft import SFTOptions
+    from llama2_mlx.rlhf.rejection import RSConfig, RSLoopConfig, rs_loop_files
+    from llama2_mlx.training.sft import SFTOptions
 
     cli = dict(lr=lr if lr is not None or sft_config else 1e-4, epochs=epochs, iters=iters,
                batch_size=batch_size, max_seq_length=max_seq_length, rank=rank, seed=seed,

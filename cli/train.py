@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DATA as _D, LORA as _P, TRAINING as _T
+from cli.common import DATA as _D
+from cli.common import LORA as _P
+from cli.common import TRAINING as _T
 from cli.common import DType, cli_errors, dtype_name, opt
 
 
@@ -46,7 +48,8 @@ def lora_train(
     dtype: Annotated[Optional[DType], opt("Base model dtype (default: the checkpoint's).")] = None,
 ) -> None:
     """Fine-tune LoRA adapters on JSONL data; the loss counts only answer tokens."""
-    from llama2_mlx.sft import SFTOptions, lora_train as run
+    from llama2_mlx.training.sft import SFTOptions
+    from llama2_mlx.training.sft import lora_train as run
 
     cli = {k: v for k, v in locals().items() if k not in ("config", "preset", "run", "SFTOptions")}
     cli["dtype"] = dtype_name(dtype)

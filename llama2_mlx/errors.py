@@ -7,3 +7,9 @@ fault; the CLI prints it as ``error: <message>`` and exits with status 2.
 
 class Llama2Error(Exception):
     """Bad input (file, data line, option or checkpoint) with a one-line explanation."""
+
+
+def one_line(text: object, limit: int = 160) -> str:
+    """``text`` (e.g. an exception from a library) squeezed onto one line of <= ``limit``."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -40,13 +40,19 @@ sys.path.insert(0, str(ROOT))
 
 import mlx.core as mx  # noqa: E402
 
-from llama2_mlx.data import Sample, SFTBatches, tokenize_record  # noqa: E402
-from llama2_mlx.demo import ASSETS  # noqa: E402
-from llama2_mlx.demo import tasks as T  # noqa: E402
-from llama2_mlx.model import ModelArgs, Transformer, num_params  # noqa: E402
-from llama2_mlx.sft import sft_loss  # noqa: E402
-from llama2_mlx.tokenizer import B_INST, E_INST, Tokenizer, fold_system, train_tokenizer  # noqa: E402
-from llama2_mlx.trainer import StopTraining, TrainConfig, train  # noqa: E402
+from llama2_mlx.chat.tokenizer import (
+    B_INST,
+    E_INST,
+    Tokenizer,
+    fold_system,
+    train_tokenizer,
+)
+from llama2_mlx.demo import ASSETS
+from llama2_mlx.demo import tasks as T
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params
+from llama2_mlx.training.data import Sample, SFTBatches, tokenize_record
+from llama2_mlx.training.sft import sft_loss
+from llama2_mlx.training.trainer import StopTraining, TrainConfig, train
 
 # Share of the training examples per task (harder tasks get more).
 # BPE-dropout on the words of this share of the word-task prompts (see to_sample).
@@ -205,7 +211,11 @@ def examples_needed(steps: int, batch: int, seq_len: int, avg_len: float) -> int
 
 def score(model, tok, heldout: dict, *, chat: bool = True, batch: int = 50):
     """Per task: (accuracy, [(question, answer, prediction) of the misses])."""
-    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+    from llama2_mlx.generation.generate import (
+        GenerationConfig,
+        batch_generate,
+        prompt_ids,
+    )
 
     config = GenerationConfig(max_tokens=24, temp=0.0)
     out = {}
@@ -351,7 +361,8 @@ def main(argv=None) -> int:
         log(f"val loss at step {s}: {v:.4f}")
 
     # 4. Save (bf16), reload the saved folder and score it.
-    from llama2_mlx.loader import load, save_model
+    from llama2_mlx.checkpoints.export import save_model
+    from llama2_mlx.checkpoints.load import load
 
     model.set_dtype(getattr(mx, args.dtype))
     mx.eval(model.parameters())
@@ -460,7 +471,7 @@ rare to be learnt (or whole-word pieces that make spelling unlearnable).
 
 ## Tokenizer
 
-Trained with `llama2_mlx.tokenizer.train_tokenizer`, Llama 2's recipe: SentencePiece BPE,
+Trained with `llama2_mlx.chat.tokenizer.train_tokenizer`, Llama 2's recipe: SentencePiece BPE,
 digits split into single digits, byte fallback for anything unknown (so any UTF-8 text
 encodes), BOS 1, EOS 2, no padding piece. It was trained on the training text only (no
 held-out word is a single piece), with each word of the word list counted once rather than
@@ -503,7 +514,7 @@ other phrasings).
 ## Training
 
 Full-parameter training from a random initialisation with the project's trainer
-(`llama2_mlx.trainer.train`): AdamW (betas 0.9/0.95, eps 1e-5, weight decay {a['weight_decay']}),
+(`llama2_mlx.training.trainer.train`): AdamW (betas 0.9/0.95, eps 1e-5, weight decay {a['weight_decay']}),
 peak learning rate {a['lr']}, {a['warmup']} warmup steps, cosine decay to 10% of the peak,
 gradient clipping 1.0 (the pretraining recipe of §2.2, scaled down), {r['steps']} steps of
 {a['batch_size']} packed rows, float32, seed {r['seed']}; saved in {a['dtype']}.

@@ -8,7 +8,7 @@ import random
 import mlx.core as mx
 import pytest
 
-from llama2_mlx.model import ModelArgs, Transformer
+from llama2_mlx.models.model import ModelArgs, Transformer
 
 # A GQA config with ffn_dim_multiplier, like 70B but tiny.
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32,
@@ -55,7 +55,7 @@ def write_corpus(path, n_lines: int = 2000, seed: int = 0) -> None:
 @pytest.fixture(scope="session")
 def spm_path(tmp_path_factory):
     """A 512-piece BPE SentencePiece model trained like Llama 2's (digits split, byte fallback)."""
-    from llama2_mlx.tokenizer import train_tokenizer
+    from llama2_mlx.chat.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("spm")
     write_corpus(d / "corpus.txt")
@@ -65,7 +65,7 @@ def spm_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tok(spm_path):
     """The tokenizer of ``spm_path``."""
-    from llama2_mlx.tokenizer import Tokenizer
+    from llama2_mlx.chat.tokenizer import Tokenizer
 
     return Tokenizer(spm_path)
 
@@ -73,6 +73,6 @@ def tok(spm_path):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, spm_path):
     """``make_model()`` saved (HF layout) with the ``spm_path`` tokenizer."""
-    from llama2_mlx.loader import save_model
+    from llama2_mlx.checkpoints.export import save_model
 
     return save_model(make_model(), tmp_path_factory.mktemp("tiny-model"), spm_path)

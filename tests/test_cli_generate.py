@@ -1,10 +1,9 @@
+from conftest import make_model
 from typer.testing import CliRunner
 
-import llama2_mlx.generate as gen
+import llama2_mlx.generation.generate as gen
 from cli.app import app
-from llama2_mlx.generate import GenerationConfig, generate, prompt_ids
-
-from conftest import make_model
+from llama2_mlx.generation.generate import GenerationConfig, generate, prompt_ids
 
 runner = CliRunner()
 

@@ -7,12 +7,17 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import make_model
-from llama2_mlx.data import SFTBatches, Sample, fit_length, load_samples, tokenize_record
-from llama2_mlx.errors import Llama2Error
-from llama2_mlx.sft import sft_loss, token_losses
 
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.training.data import (
+    Sample,
+    SFTBatches,
+    fit_length,
+    load_samples,
+    tokenize_record,
+)
+from llama2_mlx.training.sft import sft_loss, token_losses
 
 
 def write_jsonl(path, records):

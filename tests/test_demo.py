@@ -103,8 +103,8 @@ def test_solve_refuses_questions_it_cannot_parse():
 
 
 def test_records_are_valid_llama2_chat_samples(spm_path):
-    from llama2_mlx.data import tokenize_record
-    from llama2_mlx.tokenizer import Tokenizer
+    from llama2_mlx.chat.tokenizer import Tokenizer
+    from llama2_mlx.training.data import tokenize_record
 
     tok = Tokenizer(spm_path)
     records = T.training_records({t: 30 for t in T.TASKS}, seed=0)
@@ -139,7 +139,7 @@ def test_default_model_path_and_note():
 
 @pytest.fixture(scope="module")
 def bundled():
-    from llama2_mlx.loader import load
+    from llama2_mlx.checkpoints.load import load
 
     return load(default_model_path())
 
@@ -168,7 +168,11 @@ def test_bundled_tokenizer_follows_llama2_recipe(bundled):
 
 
 def _greedy(model, tok, questions, chat=True):
-    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+    from llama2_mlx.generation.generate import (
+        GenerationConfig,
+        batch_generate,
+        prompt_ids,
+    )
 
     ids = [prompt_ids(tok, q, chat=chat) for q in questions]
     out = batch_generate(model, tok, ids, GenerationConfig(max_tokens=20, temp=0.0))
@@ -187,7 +191,7 @@ def test_bundled_model_answers_heldout_questions(bundled):
 
 
 def test_bundled_model_single_prompt_matches_batch(bundled):
-    from llama2_mlx.generate import GenerationConfig, generate, prompt_ids
+    from llama2_mlx.generation.generate import GenerationConfig, generate, prompt_ids
 
     model, tok = bundled
     q = "Spell the word " + T.universe().words["train"][0] + "."

@@ -68,9 +68,9 @@ def _solves(task, question):
 
 
 def test_written_files_are_what_the_commands_read(tmp_path, tok):
-    from llama2_mlx.data import load_samples
-    from llama2_mlx.reward import load_reward_data
-    from llama2_mlx.rejection import read_prompts
+    from llama2_mlx.rlhf.rejection import read_prompts
+    from llama2_mlx.rlhf.reward_data import load_reward_data
+    from llama2_mlx.training.data import load_samples
 
     assert S.write_skill_data("next", tmp_path / "d", n=20, n_eval=5, replay=0.5) == S.SkillDataWritten(
         {"train.jsonl": 40, "valid.jsonl": 5, "test.jsonl": 5}, replay=20)

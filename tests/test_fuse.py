@@ -8,14 +8,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from conftest import make_model
 from typer.testing import CliRunner
 
-from conftest import make_model
-from llama2_mlx.fuse import fuse, read_gguf_model
-from llama2_mlx.loader import hf_to_meta_rows, meta_to_hf_rows
-from llama2_mlx.loader import load, load_model, quantize, save_model
-from llama2_mlx.lora import LoRAConfig, apply_lora, lora_layers, save_adapters
+from llama2_mlx.checkpoints.export import quantize, save_model
+from llama2_mlx.checkpoints.fuse import fuse, read_gguf_model
+from llama2_mlx.checkpoints.load import load, load_model
+from llama2_mlx.formats.weights import hf_to_meta_rows, meta_to_hf_rows
+from llama2_mlx.models.lora import LoRAConfig, apply_lora, lora_layers, save_adapters
 
 TOL = 1e-4
 TOKENS = [[1, 17, 200, 33, 5, 411, 90, 2, 64]]

@@ -3,17 +3,23 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from llama2_mlx.cache import make_cache
-from llama2_mlx.errors import Llama2Error
-from llama2_mlx.generate import (
-    ChatSession, GenerationConfig, StopStrings, batch_generate, generate, generate_step,
-    format_stats, prompt_ids, sample_k, stream_generate,
-)
-from llama2_mlx.sample import make_logits_processors
-
 from conftest import TINY
 
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.generation.generate import (
+    ChatSession,
+    GenerationConfig,
+    StopStrings,
+    batch_generate,
+    format_stats,
+    generate,
+    generate_step,
+    prompt_ids,
+    sample_k,
+    stream_generate,
+)
+from llama2_mlx.generation.sample import make_logits_processors
+from llama2_mlx.models.cache import make_cache
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +220,14 @@ def test_bad_requests_are_one_line_errors(model, tok):
 
 def test_padded_vocabulary_never_samples_undecodable_ids(spm_path):
     """An embedding with more rows than tokenizer pieces (e.g. 32001): the extra ids are masked."""
-    from llama2_mlx.generate import GenerationConfig, batch_generate, generate
-    from llama2_mlx.tokenizer import Tokenizer
-
     from conftest import make_model
+
+    from llama2_mlx.chat.tokenizer import Tokenizer
+    from llama2_mlx.generation.generate import (
+        GenerationConfig,
+        batch_generate,
+        generate,
+    )
 
     tok = Tokenizer(spm_path)
     model = make_model(vocab_size=tok.vocab_size + 64)
@@ -238,7 +248,8 @@ def test_padded_vocabulary_never_samples_undecodable_ids(spm_path):
 
 def test_prompt_cache_reuses_the_shared_prefix_only():
     from conftest import make_model
-    from llama2_mlx.cache import PromptCache
+
+    from llama2_mlx.models.cache import PromptCache
 
     model = make_model()
     pc = PromptCache(model)

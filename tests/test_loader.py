@@ -15,16 +15,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import TINY, make_model
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from conftest import TINY, make_model
+from llama2_mlx.checkpoints.export import convert, save_model
+from llama2_mlx.checkpoints.load import load, load_model
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.loader import (
-    HUB_PATTERNS, convert, load, load_model, meta_to_hf_rows, hf_to_meta_rows, save_model,
-    weight_table,
-)
-from llama2_mlx.pth import load_pth
+from llama2_mlx.formats.pth import load_pth
+from llama2_mlx.formats.weights import hf_to_meta_rows, meta_to_hf_rows, weight_table
+from llama2_mlx.io.hub import HUB_PATTERNS
 
 TOKENS = mx.array(np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 11)))
 
@@ -116,7 +116,7 @@ def test_loading_a_meta_checkpoint_never_imports_torch(tmp_path):
     from test_parity import write_meta
 
     folder = write_meta(make_model(), tmp_path / "meta")
-    code = ("import sys; from llama2_mlx.loader import load_model; "
+    code = ("import sys; from llama2_mlx.checkpoints.load import load_model; "
             f"load_model({str(folder)!r}); assert 'torch' not in sys.modules")
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
@@ -167,21 +167,22 @@ def test_bf16_meta_shard_loads_as_bf16(tmp_path, spm_path):
     one_line_error(lambda: load(folder), "tokenizer.model")
 
 
-def test_loader_still_exports_what_moved_to_hub_and_export():
+def test_public_api_names_the_defining_modules():
     import llama2_mlx
-    from llama2_mlx import export, hub, loader
+    from llama2_mlx.checkpoints import export
+    from llama2_mlx.checkpoints import load as loader
 
     for name in ("save_model", "quantize", "convert"):
-        assert getattr(loader, name) is getattr(export, name), name
-    assert loader.resolve is hub.resolve and loader.HUB_PATTERNS is hub.HUB_PATTERNS
-    assert llama2_mlx.convert is export.convert and llama2_mlx.save_model is export.save_model
+        assert getattr(llama2_mlx, name) is getattr(export, name), name
     assert llama2_mlx.load is loader.load and llama2_mlx.load_model is loader.load_model
+    for name in llama2_mlx.__all__:
+        assert getattr(llama2_mlx, name) is not None, name
 
 
 def test_permutation_is_inverted_and_table_is_complete(tiny):
     w = np.arange(32 * 3).reshape(32, 3)
     np.testing.assert_array_equal(meta_to_hf_rows(hf_to_meta_rows(w, 4), 4), w)
-    names = {internal for internal, _, _ in weight_table(tiny.args)}
+    names = {w.internal for w in weight_table(tiny.args.n_layers)}
     assert names == {k for k, _ in tree_flatten(tiny.parameters())}
 
 
@@ -257,7 +258,7 @@ def test_embedding_larger_than_tokenizer_loads(tmp_path, spm_path, rows):
 
 
 def test_sharded_hf_folder_with_index(tmp_path, tiny, spm_path, monkeypatch):
-    import llama2_mlx.export as export
+    import llama2_mlx.checkpoints.export as export
 
     monkeypatch.setattr(export, "MAX_SHARD_BYTES", 200_000)
     folder = save_model(tiny, tmp_path / "sharded", spm_path)

@@ -8,13 +8,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import make_model
 from mlx.utils import tree_flatten
 
-from conftest import make_model
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.lora import (
-    DEFAULT_KEYS, LoRAConfig, LoRALinear, adapter_weights, apply_lora, fuse_lora, load_adapters,
-    lora_layers, save_adapters,
+from llama2_mlx.models.lora import (
+    DEFAULT_KEYS,
+    LoRAConfig,
+    LoRALinear,
+    adapter_weights,
+    apply_lora,
+    fuse_lora,
+    load_adapters,
+    lora_layers,
+    save_adapters,
 )
 
 TOKENS = mx.array(np.random.RandomState(0).randint(3, 500, (2, 12)))
@@ -90,11 +97,11 @@ def test_we_load_adapters_written_by_mlx_lm_training(tmp_path):
     """mlx-lm's own trainer and config writer (as `mlx_lm lora` does), then our loader."""
     import types
 
+    import mlx.optimizers as optim
     from mlx_lm.lora import CONFIG_DEFAULTS
     from mlx_lm.tuner.trainer import TrainingArgs, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import save_config
-    import mlx.optimizers as optim
 
     args = types.SimpleNamespace(**{**CONFIG_DEFAULTS, "num_layers": 2, "adapter_path": str(tmp_path),
                                     "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 20.0}})
@@ -127,7 +134,7 @@ def test_adapter_file_errors_name_the_tensor(tmp_path):
 
 
 def test_qlora_wraps_quantized_layers_and_trains():
-    from llama2_mlx.loader import quantize
+    from llama2_mlx.checkpoints.export import quantize
 
     model = make_model()
     quantize(model, bits=4, group_size=32)
@@ -181,10 +188,10 @@ def test_fuse_lora_merges_the_update():
 
 
 def test_bad_adapter_files_are_one_line_errors(tmp_path):
-    from llama2_mlx.errors import Llama2Error
-    from llama2_mlx.lora import load_adapters, read_adapter_config
-
     from conftest import make_model
+
+    from llama2_mlx.errors import Llama2Error
+    from llama2_mlx.models.lora import load_adapters, read_adapter_config
 
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(Llama2Error, match="adapter_config.json: expected a JSON object"):

@@ -1,12 +1,16 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from llama2_mlx.cache import (BoundedKVCache, KVCache, SharedPrefixKVCache, cache_nbytes, fork,
-                              make_cache)
-from llama2_mlx.model import PRESETS, ModelArgs, Transformer
-
 from conftest import TINY, make_model
+
+from llama2_mlx.models.cache import (
+    KVCache,
+    SharedPrefixKVCache,
+    cache_nbytes,
+    fork,
+    make_cache,
+)
+from llama2_mlx.models.model import PRESETS, ModelArgs
 
 
 def test_presets_match_the_paper():

@@ -13,10 +13,11 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY, make_model
 from mlx.utils import tree_flatten
 
-from conftest import TINY, make_model
-from llama2_mlx.loader import load, load_model, save_model
+from llama2_mlx.checkpoints.export import save_model
+from llama2_mlx.checkpoints.load import load, load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -16,22 +16,34 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import make_model
 from typer.testing import CliRunner
 
 from cli.app import app
-from llama2_mlx.data import SFTBatches, load_samples, tokenize_record
+from llama2_mlx.chat.tokenizer import Tokenizer, train_tokenizer
+from llama2_mlx.checkpoints.export import save_model
+from llama2_mlx.checkpoints.load import load
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.generate import GenerationConfig, batch_generate
-from llama2_mlx.loader import load, save_model
-from llama2_mlx.rejection import (RSConfig, RSLoopConfig, _cut_at_tags, _pick_best, read_prompts,
-                                  rejection_sample, rs_loop)
-from llama2_mlx.reward import (PreferencePair, RewardTrainConfig, encode_pairs, fit_reward_model,
-                               load_reward_model, prepare_reward_model, save_reward_model)
-from llama2_mlx.sft import SFTOptions, sft_loss
-from llama2_mlx.tokenizer import Tokenizer, train_tokenizer
-from llama2_mlx.trainer import TrainConfig, train
-
-from conftest import make_model
+from llama2_mlx.generation.generate import GenerationConfig, batch_generate
+from llama2_mlx.rlhf.rejection import (
+    RSConfig,
+    RSLoopConfig,
+    _cut_at_tags,
+    _pick_best,
+    read_prompts,
+    rejection_sample,
+    rs_loop,
+)
+from llama2_mlx.rlhf.reward import (
+    RewardTrainConfig,
+    fit_reward_model,
+    prepare_reward_model,
+)
+from llama2_mlx.rlhf.reward_data import PreferencePair, encode_pairs
+from llama2_mlx.rlhf.reward_model import load_reward_model, save_reward_model
+from llama2_mlx.training.data import SFTBatches, load_samples, tokenize_record
+from llama2_mlx.training.sft import SFTOptions, sft_loss
+from llama2_mlx.training.trainer import TrainConfig, train
 
 runner = CliRunner()
 
@@ -229,8 +241,8 @@ def test_rejection_sample_cli_writes_lora_train_records(task, tmp_path):
 
 
 def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapters(task, tmp_path):
-    from llama2_mlx.lora import read_adapter_config
-    from llama2_mlx.rejection import _load_pair, finetune
+    from llama2_mlx.models.lora import read_adapter_config
+    from llama2_mlx.rlhf.rejection import _load_pair, finetune
 
     # A starting policy with its own (rank 2) adapters.
     (tmp_path / "seed.jsonl").write_text(

@@ -10,20 +10,38 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import make_model
 from mlx.utils import tree_flatten, tree_map
 from typer.testing import CliRunner
 
 from cli.app import app
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.reward import (MARGINS, EncodedPair, PairBatch, PreferencePair, RewardModel,
-                               RewardTrainConfig, encode_pairs, encode_response, evaluate,
-                               load_pairs, load_reward_data, load_reward_model,
-                               metrics_from_rewards, pad_right, pairwise_loss, paper_warmup,
-                               parse_pair, prepare_reward_model, reward_loss, save_reward_model,
-                               score_responses, score_sequences, score_shared_prefix,
-                               common_prefix_length)
-
-from conftest import make_model
+from llama2_mlx.models.cache import common_prefix_length
+from llama2_mlx.rlhf.reward import RewardTrainConfig, paper_warmup, prepare_reward_model
+from llama2_mlx.rlhf.reward_data import (
+    MARGINS,
+    EncodedPair,
+    PairBatch,
+    PreferencePair,
+    encode_pairs,
+    encode_response,
+    load_pairs,
+    load_reward_data,
+    pad_right,
+    parse_pair,
+)
+from llama2_mlx.rlhf.reward_model import (
+    RewardModel,
+    evaluate,
+    load_reward_model,
+    metrics_from_rewards,
+    pairwise_loss,
+    reward_loss,
+    save_reward_model,
+    score_responses,
+    score_sequences,
+    score_shared_prefix,
+)
 
 runner = CliRunner()
 RATED = ["significantly_better", "better", "slightly_better", "negligibly_better"]
@@ -194,7 +212,7 @@ def test_paper_warmup_is_3_percent_at_least_5():
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_saved_folder_scores_the_same(tmp_path, model_dir, tok, kind):
-    from llama2_mlx.loader import load
+    from llama2_mlx.checkpoints.load import load
 
     rm = prepare_reward_model(load(model_dir)[0], RewardTrainConfig(fine_tune_type=kind), seed=3)
     # Move every trainable weight away from its initial value.

@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.sample import make_logits_processors, make_repetition_penalty, make_sampler
+from llama2_mlx.generation.sample import (
+    make_logits_processors,
+    make_repetition_penalty,
+    make_sampler,
+)
 
 N = 20000  # draws per distribution (one batched call): frequency error ~0.004
 

@@ -6,16 +6,25 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import make_model
 from mlx.utils import tree_flatten, tree_map
 from typer.testing import CliRunner
 
 from cli.app import app
-from llama2_mlx.lora import LoRAConfig, apply_lora, fuse_lora, save_adapters, twin
-from llama2_mlx.reward import (RewardTrainConfig, load_reward_model, prepare_reward_model,
-                               save_reward_model, score_responses)
-from llama2_mlx.shared import SharedBase
-
-from conftest import make_model
+from llama2_mlx.checkpoints.shared import SharedBase
+from llama2_mlx.models.lora import (
+    LoRAConfig,
+    apply_lora,
+    fuse_lora,
+    save_adapters,
+    twin,
+)
+from llama2_mlx.rlhf.reward import RewardTrainConfig, prepare_reward_model
+from llama2_mlx.rlhf.reward_model import (
+    load_reward_model,
+    save_reward_model,
+    score_responses,
+)
 
 runner = CliRunner()
 X = mx.array([[1, 5, 9, 13, 2]])
@@ -56,7 +65,7 @@ def test_twin_shares_arrays_but_not_adapters_training_or_fusing():
 @pytest.fixture
 def lora_rm(tmp_path, model_dir, tok):
     """A LoRA reward model trained (nudged) on ``model_dir``, saved under tmp_path/rm."""
-    from llama2_mlx.loader import load
+    from llama2_mlx.checkpoints.load import load
 
     config = RewardTrainConfig(fine_tune_type="lora")
     rm = prepare_reward_model(load(model_dir)[0], config, seed=3)

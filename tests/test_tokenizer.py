@@ -2,9 +2,8 @@ import random
 
 import pytest
 
+from llama2_mlx.chat.tokenizer import Tokenizer
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.tokenizer import Tokenizer
-
 
 
 def test_llama2_recipe_digits_split_and_byte_fallback(tok):

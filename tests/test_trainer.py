@@ -10,17 +10,17 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import CORPUS_WORDS, make_model
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from conftest import CORPUS_WORDS, make_model
-from llama2_mlx.checkpoint import list_checkpoints
-from llama2_mlx.data import Sample, SFTBatches, load_samples
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.lora import LoRAConfig, apply_lora, load_adapters
-from llama2_mlx.schedule import lr_schedule
-from llama2_mlx.sft import SFTOptions, lora_train, sft_loss
-from llama2_mlx.trainer import StopTraining, TrainConfig, evaluate, train
+from llama2_mlx.models.lora import LoRAConfig, apply_lora
+from llama2_mlx.training.checkpoint import list_checkpoints
+from llama2_mlx.training.data import Sample, SFTBatches, load_samples
+from llama2_mlx.training.schedule import lr_schedule
+from llama2_mlx.training.sft import SFTOptions, lora_train, sft_loss
+from llama2_mlx.training.trainer import StopTraining, TrainConfig, evaluate, train
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_progress_bar_shows_its_fields_and_logs_above():
 
     from rich.console import Console
 
-    from llama2_mlx.progress import ProgressBar
+    from llama2_mlx.io.progress import ProgressBar
 
     out = io.StringIO()
     console = Console(file=out, width=200, force_terminal=False)
@@ -242,7 +242,7 @@ def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
     cfg = json.loads((ad / "adapter_config.json").read_text())
     assert cfg["lora_parameters"]["rank"] == 4 and cfg["num_layers"] == 2
     assert cfg["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-    from llama2_mlx.loader import load
+    from llama2_mlx.checkpoints.load import load
 
     tuned, _ = load(model_dir, adapter_path=ad)
     x = mx.array([tok.encode("hello world")])

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from llama2_mlx.demo import tasks as T
-from llama2_mlx.checkpoint import write_jsonl_atomic
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.atomic import write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- skills
 
@@ -241,7 +241,11 @@ def sampled_wrong_answers(model, tokenizer, exs: Sequence[T.Example], *, k: int 
                           batch_size: int = 64) -> list[Optional[str]]:
     """Per question, a wrong answer among ``k`` of the model's own samples (the first
     one that the checker rejects; None when all ``k`` were right)."""
-    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+    from llama2_mlx.generation.generate import (
+        GenerationConfig,
+        batch_generate,
+        prompt_ids,
+    )
 
     config = GenerationConfig(max_tokens=max_tokens, temp=temp, seed=seed)
     rows = [e for e in exs for _ in range(k)]
@@ -309,7 +313,7 @@ def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
         raise Llama2Error("--n, --n-valid and -k must be at least 1")
     sampler = None
     if model is not None:
-        from llama2_mlx.loader import load
+        from llama2_mlx.checkpoints.load import load
 
         net, tokenizer = load(model)
         sampler = lambda exs: sampled_wrong_answers(net, tokenizer, exs, k=k, seed=seed)  # noqa: E731
@@ -362,7 +366,11 @@ def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
              split: str = "heldout", batch_size: int = 32, max_tokens: int = 32) -> EvalResult:
     """Greedy answers (chat format, ``batch_generate``) to ``n`` distinct questions of
     ``split``, scored by the checker (exact match after strip)."""
-    from llama2_mlx.generate import GenerationConfig, batch_generate, prompt_ids
+    from llama2_mlx.generation.generate import (
+        GenerationConfig,
+        batch_generate,
+        prompt_ids,
+    )
 
     check_name(name)
     if split not in T.SPLITS:
@@ -385,7 +393,7 @@ def evaluate_model(model_path=None, name: str = "next", *, adapter_path=None,
     """``evaluate`` on a model folder or hub id (default: the bundled demo model)
     with optional LoRA adapters."""
     from llama2_mlx import demo
-    from llama2_mlx.loader import load
+    from llama2_mlx.checkpoints.load import load
 
     check_name(name)
     model, tokenizer = load(demo.model_or_demo(model_path), adapter_path=adapter_path)
@@ -407,7 +415,7 @@ def check_file(path) -> dict[str, tuple[int, int]]:
     """Checked answers of a JSONL file of dialogs ending with the answer (``lora-train``
     data, the winners of ``rejection-sample``) or ``{"prompt", "response"}`` records:
     (right, total) per skill or task, found from the question's form."""
-    from llama2_mlx.data import read_jsonl
+    from llama2_mlx.io.readers import read_jsonl
 
     counts: dict[str, list[int]] = {}
     for line, rec in read_jsonl(path):

@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -12,19 +12,14 @@ Three layouts are read:
   Hugging Face layout, plus mlx-lm's ``"quantization"`` entry in config.json when
   quantized, so that mlx-lm loads it too.
 
-Every rename goes through one table, ``WEIGHTS``; the loaded key set and every
-shape are checked against the model built from the config before any weight is
-used, and each problem is one ``Llama2Error`` line naming the file and tensor.
-
-Repo ids are resolved in ``hub.py``. ``resolve``, ``HUB_PATTERNS``, ``save_model``,
-``quantize`` and ``convert`` are re-exported here, where callers have always imported
-them from.
+Every rename goes through the one table, ``formats.weights.WEIGHTS``; the loaded key
+set and every shape are checked (``check_state_dict``) against the model built from the
+config before any weight is used, and each problem is one ``Llama2Error`` line naming the
+file and tensor. Repo ids are resolved in ``io.hub``.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,151 +27,48 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
-from .errors import Llama2Error
-from .export import convert, quantize, save_model  # noqa: F401  (re-exported)
-from .hub import HUB_PATTERNS, PathLike, _one_line, resolve  # noqa: F401  (some re-exported)
-from .model import ModelArgs, Transformer
-from .pth import TensorData, read_pth
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One weight: its internal (= Hugging Face) name, Meta's name, how Meta shards it."""
-
-    internal: str  # "{i}" stands for the layer index
-    meta: str
-    meta_axis: Optional[int]  # concatenation axis of Meta's model-parallel shards; None: replicated
-    rope_heads: Optional[str] = None  # ModelArgs field: permute rows interleaved -> rotate-half
-
-
-_L = "model.layers.{i}."
-WEIGHTS: tuple[TensorSpec, ...] = (
-    TensorSpec("model.embed_tokens.weight", "tok_embeddings.weight", 1),
-    TensorSpec(_L + "self_attn.q_proj.weight", "layers.{i}.attention.wq.weight", 0, "n_heads"),
-    TensorSpec(_L + "self_attn.k_proj.weight", "layers.{i}.attention.wk.weight", 0, "n_kv_heads"),
-    TensorSpec(_L + "self_attn.v_proj.weight", "layers.{i}.attention.wv.weight", 0),
-    TensorSpec(_L + "self_attn.o_proj.weight", "layers.{i}.attention.wo.weight", 1),
-    TensorSpec(_L + "mlp.gate_proj.weight", "layers.{i}.feed_forward.w1.weight", 0),
-    TensorSpec(_L + "mlp.down_proj.weight", "layers.{i}.feed_forward.w2.weight", 1),
-    TensorSpec(_L + "mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight", 0),
-    TensorSpec(_L + "input_layernorm.weight", "layers.{i}.attention_norm.weight", None),
-    TensorSpec(_L + "post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight", None),
-    TensorSpec("model.norm.weight", "norm.weight", None),
-    TensorSpec("lm_head.weight", "output.weight", 0),
+from llama2_mlx.chat.tokenizer import Tokenizer
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.formats.pth import TensorData, read_pth
+from llama2_mlx.formats.safetensors import read_safetensors
+from llama2_mlx.formats.weights import (
+    IGNORED_HF_SUFFIXES,
+    IGNORED_META,
+    cast,
+    check_state_dict,
+    from_meta_rows,
+    parameter_shapes,
+    parse_dtype,
+    weight_table,
 )
-IGNORED_META = {"rope.freqs"}  # precomputed RoPE frequencies
-IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def weight_table(args: ModelArgs) -> list[tuple[str, str, TensorSpec]]:
-    """``(internal_name, meta_name, spec)`` for every weight of a model with ``args``."""
-    out = []
-    for spec in WEIGHTS:
-        layers = range(args.n_layers) if "{i}" in spec.internal else [None]
-        for i in layers:
-            out.append((spec.internal.format(i=i), spec.meta.format(i=i), spec))
-    return out
-
-
-def meta_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Permute q/k rows from Meta's interleaved RoPE pairs to the rotate-half order.
-
-    Per head, rows (0, 1), (2, 3), ... are pairs; rotate-half wants the first
-    elements of all pairs, then the second ones (transformers' conversion script).
-    """
-    rows, cols = w.shape
-    w = w.reshape(n_heads, rows // n_heads // 2, 2, cols)
-    return w.transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
-def hf_to_meta_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The inverse of ``meta_to_hf_rows``."""
-    rows, cols = w.shape
-    w = w.reshape(n_heads, 2, rows // n_heads // 2, cols)
-    return w.transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _dtype(dtype) -> Optional[mx.Dtype]:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    name = str(dtype).removeprefix("mlx.core.").removeprefix("mx.")
-    name = _DTYPE_ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise Llama2Error(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _cast(a: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
-    if dtype is None or a.dtype == dtype or not mx.issubdtype(a.dtype, mx.floating):
-        return a
-    return a.astype(dtype)
-
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise Llama2Error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except OSError as e:
-        raise Llama2Error(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise Llama2Error(f"{path}: expected a JSON object")
-    return data
+from llama2_mlx.io.hub import PathLike, resolve
+from llama2_mlx.io.readers import read_json
+from llama2_mlx.models.lora import load_adapters
+from llama2_mlx.models.model import ModelArgs, Transformer
 
 
 def _args_from(params: dict, where: Path) -> ModelArgs:
     try:
         return ModelArgs.from_dict(params)
     except (KeyError, TypeError, ValueError) as e:
-        what = f"missing key {e}" if isinstance(e, KeyError) else _one_line(e)
+        what = f"missing key {e}" if isinstance(e, KeyError) else one_line(e)
         raise Llama2Error(f"{where}: {what}") from None
-
-
-def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 def _check_table(model: Transformer) -> None:
     """The table must name exactly the parameters of the (unquantized) model."""
-    table = {internal for internal, _, _ in weight_table(model.args)}
-    params = set(_expected_shapes(model))
+    table = {w.internal for w in weight_table(model.args.n_layers)}
+    params = set(parameter_shapes(model))
     if table != params:  # a programming error, not bad input
         raise AssertionError(f"weight table out of date: {sorted(table ^ params)[:4]}")
 
 
-def _check_weights(
-    expected: dict[str, tuple], weights: dict[str, mx.array], sources: dict[str, Path],
-    where: Path, config: Path,
-) -> None:
-    """Key set and shapes of ``weights`` against the model; one-line errors."""
-    for name in expected:
-        if name not in weights:
-            raise Llama2Error(f"{where}: tensor {name} is missing")
-    for name, a in weights.items():
-        if name not in expected:
-            raise Llama2Error(
-                f"{sources.get(name, where)}: unexpected tensor {name} "
-                f"(not part of a Llama 2 model as {config.name} describes it)"
-            )
-        if tuple(a.shape) != expected[name]:
-            raise Llama2Error(
-                f"{sources.get(name, where)}: tensor {name} has shape {tuple(a.shape)}, "
-                f"expected {expected[name]} from {config.name}"
-            )
-
-
 @dataclass
-class _Loaded:
+class Loaded:
+    """A model read from a checkpoint folder, with where its tokenizer may be."""
+
     model: Transformer
     layout: str  # "meta" or "hf"
     folder: Path
@@ -204,9 +96,9 @@ def _meta_shards(folder: Path) -> list[Path]:
     return shards
 
 
-def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
+def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
     params_file = folder / "params.json"
-    params = _read_json(params_file)
+    params = read_json(params_file)
     shard_files = _meta_shards(folder)
     shards = [read_pth(p) for p in shard_files]
     n = len(shards)
@@ -219,10 +111,10 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
     args = _args_from(params, params_file)
     model = Transformer(args)
     _check_table(model)
-    expected = _expected_shapes(model)
+    expected = parameter_shapes(model)
 
-    table = weight_table(args)
-    known = {meta for _, meta, _ in table} | IGNORED_META
+    table = weight_table(args.n_layers)
+    known = {w.meta for w in table} | IGNORED_META
     for file, shard in zip(shard_files, shards):
         for name in shard:
             if name not in known:
@@ -232,7 +124,8 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
                 )
 
     weights: dict[str, mx.array] = {}
-    for internal, meta, spec in table:
+    for w in table:
+        internal, meta, spec = w.internal, w.meta, w.spec
         full = expected[internal]
         part = list(full)
         if spec.meta_axis is not None:
@@ -260,15 +153,14 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
             arr = pieces[0].array
         else:
             arr = np.concatenate([p.array for p in pieces], axis=spec.meta_axis)
-        if spec.rope_heads is not None:
-            arr = meta_to_hf_rows(arr, getattr(args, spec.rope_heads))
-        weights[internal] = _cast(TensorData(arr, pieces[0].dtype).to_mx(), dtype)
+        arr = from_meta_rows(arr, spec, args)
+        weights[internal] = cast(TensorData(arr, pieces[0].dtype).to_mx(), dtype)
         mx.eval(weights[internal])  # one tensor at a time: no second copy of the model
         del arr, pieces
 
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
-    return _Loaded(
+    return Loaded(
         model, "meta", folder,
         tokenizer_candidates=[folder / "tokenizer.model", folder.parent / "tokenizer.model"],
         embed_file=shard_files[0], embed_name="tok_embeddings.weight",
@@ -278,54 +170,10 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
 # ----------------------------------------------------------------------------- HF layout
 
 
-def _safetensors_header(path: Path) -> dict:
-    """Parse and check a safetensors header, so a truncated file names its first lost tensor."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise Llama2Error(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 1 << 28:
-                raise Llama2Error(f"{path}: truncated or corrupt safetensors header")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise Llama2Error(f"{path}: cannot read ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Llama2Error(f"{path}: corrupt safetensors header") from None
-    if not isinstance(header, dict):
-        raise Llama2Error(f"{path}: corrupt safetensors header")
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, stop = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise Llama2Error(f"{path}: corrupt header entry for tensor {name}") from None
-        entries.append((start, stop, name))
-    for start, stop, name in sorted(entries):
-        if 8 + n + stop > size:
-            raise Llama2Error(
-                f"{path}: truncated: tensor {name} needs bytes up to {8 + n + stop}, "
-                f"the file has {size}"
-            )
-    return header
-
-
-def _read_safetensors(path: Path) -> dict[str, mx.array]:
-    _safetensors_header(path)
-    try:
-        return mx.load(str(path))
-    except Exception as e:  # mlx raises RuntimeError/ValueError on malformed files
-        raise Llama2Error(f"{path}: cannot read safetensors ({_one_line(e, 100)})") from None
-
-
 def _hf_weight_files(folder: Path) -> tuple[list[Path], str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Llama2Error(f"{index}: no weight_map")
         files = [folder / f for f in sorted(set(weight_map.values()))]
@@ -349,9 +197,9 @@ def _quantize_layer(path: str, module: nn.Module, quant: dict, weights: dict):
     return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
 
-def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
+def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
     config_file = folder / "config.json"
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if config.get("model_type", "llama") != "llama":
         raise Llama2Error(f"{config_file}: model_type {config['model_type']!r} is not Llama")
     if config.get("rope_scaling"):
@@ -374,7 +222,7 @@ def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
     sources: dict[str, Path] = {}
     for f in files:
         if kind == "safetensors":
-            part = _read_safetensors(f)
+            part = read_safetensors(f)
         else:
             part = {k: v.to_mx() for k, v in read_pth(f).items()}
         for k, v in part.items():
@@ -397,13 +245,14 @@ def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise Llama2Error(
-                f"{config_file}: bad quantization entry ({_one_line(e, 80)})"
+                f"{config_file}: bad quantization entry ({one_line(e, 80)})"
             ) from None
     where = files[0] if len(files) == 1 else folder
-    _check_weights(_expected_shapes(model), weights, sources, where, config_file)
-    model.update(tree_unflatten([(k, _cast(v, dtype)) for k, v in weights.items()]))
+    check_state_dict(weights, parameter_shapes(model), where, sources=sources,
+                     what=f"a Llama 2 model as {config_file.name} describes it")
+    model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
     mx.eval(model.parameters())
-    return _Loaded(
+    return Loaded(
         model, "hf", folder, tokenizer_candidates=[folder / "tokenizer.model"],
         embed_file=sources.get("model.embed_tokens.weight"),
     )
@@ -412,8 +261,9 @@ def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> _Loaded:
 # ----------------------------------------------------------------------------- any layout
 
 
-def _load_folder(folder: Path, dtype) -> _Loaded:
-    dtype = _dtype(dtype)
+def load_folder(folder: Path, dtype=None) -> Loaded:
+    """The model in a local checkpoint folder of any layout (Meta, HF, ours)."""
+    dtype = parse_dtype(dtype)
     if (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth")):
         return _load_meta(folder, dtype)
     if (folder / "config.json").is_file():
@@ -433,7 +283,7 @@ def load_model(path: PathLike, dtype=None) -> Transformer:
     ``dtype`` None keeps the checkpoint's (bf16 for Meta); else 'float32', 'bfloat16'
     or 'float16'.
     """
-    return _load_folder(resolve(path), dtype).model
+    return load_folder(resolve(path), dtype).model
 
 
 def load(path_or_repo: PathLike, *, dtype=None, adapter_path: Optional[PathLike] = None):
@@ -443,13 +293,11 @@ def load(path_or_repo: PathLike, *, dtype=None, adapter_path: Optional[PathLike]
     embedding may have more rows than the tokenizer has pieces, not fewer.
     """
     folder = resolve(path_or_repo)
-    loaded = _load_folder(folder, dtype)
+    loaded = load_folder(folder, dtype)
     tok_path = loaded.tokenizer
     if tok_path is None:
         looked = " or ".join(str(p) for p in loaded.tokenizer_candidates)
         raise Llama2Error(f"{folder}: no tokenizer.model (looked for {looked})")
-    from .tokenizer import Tokenizer
-
     tokenizer = Tokenizer(tok_path)
     # Extra embedding rows (fine-tunes' added tokens, a vocab padded to 32064) are never
     # indexed by the tokenizer's ids; fewer rows than pieces would be out of range.
@@ -461,8 +309,6 @@ def load(path_or_repo: PathLike, *, dtype=None, adapter_path: Optional[PathLike]
         )
     model = loaded.model
     if adapter_path is not None:
-        from .lora import load_adapters
-
         out = load_adapters(model, adapter_path)
         model = out if out is not None else model
     return model, tokenizer

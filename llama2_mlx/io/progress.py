@@ -11,7 +11,13 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 
 def log_stderr(message: str) -> None:

@@ -3,7 +3,7 @@
 The format is the Hugging Face layout (config.json, model.safetensors, sharded above
 ``MAX_SHARD_BYTES`` with model.safetensors.index.json, tokenizer.model) plus mlx-lm's
 ``"quantization"`` entry in config.json when quantized, so that mlx-lm loads it too.
-Reading any layout (and the weight table behind it) is ``loader.py``'s job.
+Reading any layout is ``load.py``'s job; the weight table is ``formats.weights``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import atomic_dir
-from .errors import Llama2Error
-from .hub import PathLike, _one_line, resolve
-from .model import Transformer
+from llama2_mlx.checkpoints.load import load_folder
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.io.atomic import atomic_dir
+from llama2_mlx.io.hub import PathLike, resolve
+from llama2_mlx.models.model import Transformer
 
 MAX_SHARD_BYTES = 5 << 30  # split saved weights into files of at most ~5 GB
 Q_BITS = (2, 3, 4, 5, 6, 8)
@@ -68,7 +69,7 @@ def _hf_tokenizer_config(tokenizer_path: Path) -> dict:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     except Exception as e:
         raise Llama2Error(
-            f"{tokenizer_path}: not a SentencePiece model ({_one_line(e, 80)})"
+            f"{tokenizer_path}: not a SentencePiece model ({one_line(e, 80)})"
         ) from None
     piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
     return {
@@ -170,11 +171,7 @@ def convert(
 
     ``dtype`` casts the weights first; ``q_bits`` quantizes them (group size ``q_group_size``).
     """
-    # Imported here, not at the top: loader.py re-exports this module's functions, so
-    # a top-level import of it would make the two modules import each other.
-    from .loader import _load_folder
-
-    loaded = _load_folder(resolve(src), dtype)
+    loaded = load_folder(resolve(src), dtype)
     quant = None
     if q_bits is not None:
         quant = quantize(loaded.model, q_bits, q_group_size)

@@ -27,10 +27,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from llama2_mlx.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.progress import ProgressBar, peak_memory_gb
-from llama2_mlx.schedule import lr_schedule, make_optimizer
+from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
+from llama2_mlx.training.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from llama2_mlx.training.schedule import lr_schedule, make_optimizer
 
 LossFn = Callable[[nn.Module, Any], tuple[mx.array, mx.array]]
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error
 
 
 class KVCache:

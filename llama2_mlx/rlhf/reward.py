@@ -25,23 +25,31 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import Llama2Error
-from .model import Transformer
-# Re-exported: ``llama2_mlx.reward`` stays the one import for the reward model's API.
-from .reward_data import (  # noqa: F401
-    MARGINS, RATINGS, EncodedPair, PairBatch, PairBatches, PreferencePair, encode_pairs,
-    encode_response, load_pairs, load_reward_data, normalize_rating, pad_right, parse_pair,
-    prompt_messages, response_of,
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.models.model import Transformer
+from llama2_mlx.rlhf.reward_data import (
+    MARGINS,
+    EncodedPair,
+    PairBatches,
+    encode_pairs,
+    load_pairs,
+    load_reward_data,
+    response_of,
 )
-from .reward_model import (  # noqa: F401
-    BACKBONE_NAME, CONFIG_NAME, HEAD_NAME, RewardMetrics, RewardModel, common_prefix_length,
-    evaluate, load_reward_model, metrics_from_rewards, pairwise_loss, read_reward_config,
-    reward_loss, save_reward_model, score_responses, score_sequences, score_shared_prefix,
+from llama2_mlx.rlhf.reward_model import (
+    RewardMetrics,
+    RewardModel,
+    evaluate,
+    load_reward_model,
+    read_reward_config,
+    reward_loss,
+    save_reward_model,
+    score_responses,
 )
 
 if TYPE_CHECKING:
-    from .lora import LoRAConfig
-    from .trainer import TrainConfig, TrainResult
+    from llama2_mlx.models.lora import LoRAConfig
+    from llama2_mlx.training.trainer import TrainConfig, TrainResult
 
 
 # --------------------------------------------------------------------------- training
@@ -51,7 +59,7 @@ def paper_train_config(fine_tune_type: str = "lora", **options) -> "TrainConfig"
     """The paper's reward-model optimizer recipe (one epoch, cosine to 10%; AdamW as in
     pretraining; lr 1e-4 for LoRA, 1e-5 for full) with ``options`` (a ``TrainConfig``
     field each; None keeps the recipe's value) on top."""
-    from .trainer import TrainConfig
+    from llama2_mlx.training.trainer import TrainConfig
 
     recipe = dict(lr=1e-4 if fine_tune_type == "lora" else 1e-5, betas=(0.9, 0.95), eps=1e-5,
                   weight_decay=0.1, description="reward-train")
@@ -77,7 +85,7 @@ class RewardTrainConfig:
     margin: str = "small"
 
     def __post_init__(self):
-        from .lora import LoRAConfig
+        from llama2_mlx.models.lora import LoRAConfig
 
         if self.train is None:
             self.train = paper_train_config(self.fine_tune_type)
@@ -97,7 +105,7 @@ PAPER_WARMUP = dict(warmup=5, warmup_ratio=0.03)
 
 def paper_warmup(total_steps: int) -> int:
     """3% of the steps, at least 5 (§3.2.2), and never all of them."""
-    from .trainer import TrainConfig
+    from llama2_mlx.training.trainer import TrainConfig
 
     return TrainConfig(**PAPER_WARMUP).warmup_steps(total_steps)
 
@@ -119,7 +127,7 @@ class RewardTrainResult:
 def prepare_reward_model(policy: Transformer, config: RewardTrainConfig, *, seed: int = 0) -> RewardModel:
     """Turn ``policy`` into a reward model (its LM head dropped) with the trainable
     parameters of ``config.fine_tune_type`` (LoRA: adapters and head; full: all)."""
-    from .lora import apply_lora
+    from llama2_mlx.models.lora import apply_lora
 
     mx.random.seed(seed)
     rm = RewardModel.from_policy(policy)
@@ -141,8 +149,8 @@ def fit_reward_model(
     """Train ``rm`` (see ``prepare_reward_model``) with the shared trainer on encoded pairs;
     held-out metrics are logged every ``config.eval_every`` steps and at the end; with
     ``out_dir`` the reward model folder is written there at each checkpoint and at the end."""
-    from .progress import log_stderr
-    from .trainer import train
+    from llama2_mlx.io.progress import log_stderr
+    from llama2_mlx.training.trainer import train
 
     say = log or log_stderr
     batches = PairBatches(train_pairs, config.batch_size, seed=config.train.seed)
@@ -187,7 +195,7 @@ def train_reward_model(base_model, data, out_dir, config: Optional[RewardTrainCo
                        dtype=None, log: Optional[Callable[[str], None]] = None) -> RewardTrainResult:
     """Load ``base_model``, read ``data`` (a folder with train.jsonl [+ valid.jsonl]), train a
     reward model and save it to ``out_dir`` (see ``fit_reward_model``)."""
-    from .loader import load
+    from llama2_mlx.checkpoints.load import load
 
     config = config or RewardTrainConfig()
     train_pairs, valid_pairs = load_reward_data(data, margin=config.margin, seed=config.train.seed)
@@ -218,8 +226,8 @@ def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
                key: str = "reward") -> list[float]:
     """Score every prompt/response record of ``data`` (see ``response_of``) and write the
     records with their score under ``key`` to ``out``; returns the scores."""
-    from .checkpoint import write_jsonl_atomic
-    from .data import read_jsonl
+    from llama2_mlx.io.atomic import write_jsonl_atomic
+    from llama2_mlx.io.readers import read_jsonl
 
     records = read_jsonl(data)
     items = [response_of(r, f"{data} line {n}") for n, r in records]

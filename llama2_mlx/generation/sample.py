@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

@@ -19,8 +19,9 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .data import EpochBatches, epoch_rng, read_jsonl
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.training.data import EpochBatches, epoch_rng
 
 # Table 27: margin m(r) by preference rating.
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -56,7 +57,7 @@ def normalize_rating(rating: str) -> Optional[str]:
 def prompt_messages(record: dict, where: str) -> list[dict]:
     """The prompt of a JSONL record as chat messages: ``"prompt"`` (a string or a list of
     messages, with an optional ``"system"``) or ``"messages"`` ending with a user turn."""
-    from .tokenizer import validate_messages
+    from llama2_mlx.chat.tokenizer import validate_messages
 
     if "messages" in record and "prompt" not in record:
         messages = record["messages"]
@@ -250,7 +251,7 @@ def response_of(record: dict, where: str) -> tuple[list[dict], str]:
     msgs = record.get("messages")
     if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
             and msgs[-1].get("role") == "assistant":
-        from .tokenizer import validate_messages
+        from llama2_mlx.chat.tokenizer import validate_messages
 
         validate_messages(msgs, where=where)
         return list(msgs[:-1]), _text_field(msgs[-1], "content", f"{where}: last message")

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Union
 
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, one_line
 
 PathLike = Union[str, os.PathLike]
 
@@ -28,12 +28,6 @@ HUB_PATTERNS = [
 ]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def _one_line(text: object, limit: int = 160) -> str:
-    """``text`` (e.g. an exception from a library) squeezed onto one line of <= ``limit``."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _download(repo_id: str) -> Path:
@@ -62,12 +56,12 @@ def _download(repo_id: str) -> Path:
         ) from None
     except errors.HfHubHTTPError as e:
         raise Llama2Error(
-            f"downloading {repo_id} failed ({_one_line(e, 100)}): check the network and your "
+            f"downloading {repo_id} failed ({one_line(e, 100)}): check the network and your "
             "token (`hf auth login`), or pass a local path"
         ) from None
     except OSError as e:
         raise Llama2Error(
-            f"downloading {repo_id} failed ({_one_line(e, 100)}): pass a local path"
+            f"downloading {repo_id} failed ({one_line(e, 100)}): pass a local path"
         ) from None
 
 

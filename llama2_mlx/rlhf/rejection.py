@@ -23,17 +23,21 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .checkpoint import write_json_atomic, write_jsonl_atomic
-from .data import read_jsonl
-from .errors import Llama2Error
-from .generate import GenerationConfig, batch_generate, sample_k
-from .progress import ProgressBar, log_stderr
-from .reward import (RewardModel, encode_response, prompt_messages, score_sequences,
-                     score_shared_prefix)
-from .tokenizer import SPECIAL_TAGS
+from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
+from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
+from llama2_mlx.io.progress import ProgressBar, log_stderr
+from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.rlhf.reward_data import encode_response, prompt_messages
+from llama2_mlx.rlhf.reward_model import (
+    RewardModel,
+    score_sequences,
+    score_shared_prefix,
+)
 
 if TYPE_CHECKING:
-    from .sft import SFTOptions
+    from llama2_mlx.training.sft import SFTOptions
 
 
 def read_prompts(path) -> list[list[dict]]:
@@ -229,7 +233,7 @@ def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
     resume are replaced); adapters the policy already has (``lora_config`` describes them)
     are trained further, else new ones are added. The adapters are written to
     ``adapter_path``. Returns the trainer's result."""
-    from .sft import lora_train
+    from llama2_mlx.training.sft import lora_train
 
     opts = dataclasses.replace(opts, data=None, train=str(train_file), valid=None, test=None,
                                adapter_path=str(adapter_path), resume=False)
@@ -250,7 +254,7 @@ class RSLoopConfig:
     greedy_max_tokens: Optional[int] = None
 
     def __post_init__(self):
-        from .sft import SFTOptions
+        from llama2_mlx.training.sft import SFTOptions
 
         if self.sft is None:
             self.sft = SFTOptions(lr=1e-4, epochs=1, progress=True)
@@ -410,9 +414,9 @@ def rs_loop(
 def _load_pair(model, adapter_path, reward_model, dtype, log):
     """The starting policy's ``SharedBase``, its LoRA config (if ``adapter_path``) and the
     reward model, on the policy's base weights when it was trained on the same base."""
-    from .lora import read_adapter_config
-    from .reward import load_reward_model
-    from .shared import SharedBase
+    from llama2_mlx.checkpoints.shared import SharedBase
+    from llama2_mlx.models.lora import read_adapter_config
+    from llama2_mlx.rlhf.reward_model import load_reward_model
 
     lora_config = None
     if adapter_path is not None:

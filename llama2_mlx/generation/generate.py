@@ -16,10 +16,16 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import PromptCache, cache_nbytes, fork, make_cache
-from .errors import Llama2Error
-from .sample import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
-from .tokenizer import SPECIAL_TAGS
+from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.generation.sample import (
+    LogitsProcessor,
+    Sampler,
+    greedy,
+    make_logits_processors,
+    make_sampler,
+)
+from llama2_mlx.models.cache import PromptCache, cache_nbytes, fork, make_cache
 
 
 @dataclass

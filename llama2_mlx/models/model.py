@@ -8,8 +8,8 @@ rotate-half RoPE order. The loader maps Meta's checkpoints onto it.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Optional
 
 import mlx.core as mx

@@ -16,11 +16,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import common_prefix_length, fork, make_cache
-from .errors import Llama2Error
-from .hub import reference
-from .model import LlamaModel, ModelArgs, Transformer
-from .reward_data import RATINGS, EncodedPair, PairBatch, encode_response, pad_right
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.hub import reference
+from llama2_mlx.models.cache import common_prefix_length, fork, make_cache
+from llama2_mlx.models.model import LlamaModel, ModelArgs, Transformer
+from llama2_mlx.rlhf.reward_data import (
+    RATINGS,
+    EncodedPair,
+    PairBatch,
+    encode_response,
+    pad_right,
+)
 
 CONFIG_NAME = "reward_config.json"
 HEAD_NAME = "head.safetensors"
@@ -206,13 +212,14 @@ def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: s
     (LoRA: ``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format; full:
     ``backbone.safetensors``) and ``reward_config.json`` (base model, type, ``extra``),
     each file atomically, the config last."""
-    from .checkpoint import save_safetensors_atomic, write_json_atomic
     from mlx.utils import tree_flatten
+
+    from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if fine_tune_type == "lora":
-        from .lora import save_adapters
+        from llama2_mlx.models.lora import save_adapters
 
         if lora_config is None:
             raise ValueError("a LoRA reward model needs its LoRAConfig")
@@ -249,7 +256,7 @@ def load_reward_model(path, *, dtype=None, base_model=None, shared=None):
     """``(reward model, tokenizer)`` from a folder written by ``save_reward_model``; the base
     weights come from the recorded ``base_model`` (or ``base_model`` given here). When
     ``shared`` (a ``SharedBase``) is that base, its weights are shared, not loaded again."""
-    from .loader import load
+    from llama2_mlx.checkpoints.load import load
 
     path = Path(path)
     config = read_reward_config(path)
@@ -262,7 +269,7 @@ def load_reward_model(path, *, dtype=None, base_model=None, shared=None):
     if rm.args.dim != config.get("dim", rm.args.dim):
         raise Llama2Error(f"{path}: made for dim {config['dim']}, the base model has {rm.args.dim}")
     if config["fine_tune_type"] == "lora":
-        from .lora import load_adapters
+        from llama2_mlx.models.lora import load_adapters
 
         load_adapters(rm, path)
     else:

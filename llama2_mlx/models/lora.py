@@ -10,18 +10,16 @@ equal to the base. Adapter folders are interchangeable with mlx-lm's:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from llama2_mlx.checkpoint import save_safetensors_atomic, write_json_atomic
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -200,12 +198,12 @@ def save_adapters(model: nn.Module, adapter_path, config: LoRAConfig, **extra) -
 
 def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
     """(fine_tune_type, LoRAConfig) from an adapter folder written by us or mlx-lm."""
-    from .loader import _read_json
+    from llama2_mlx.io.readers import read_json
 
     path = Path(adapter_path) / ADAPTER_CONFIG
     if not path.is_file():
         raise Llama2Error(f"--adapter-path: {path} not found")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "full"):
         raise Llama2Error(f"{path}: fine_tune_type '{kind}' is not supported (lora or full)")
@@ -231,9 +229,9 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     wfile = Path(adapter_path) / ADAPTER_WEIGHTS
     if not wfile.exists():
         raise Llama2Error(f"--adapter-path: {wfile} not found")
-    from .loader import _read_safetensors
+    from llama2_mlx.formats.safetensors import read_safetensors
 
-    weights = _read_safetensors(wfile)
+    weights = read_safetensors(wfile)
     if kind == "lora":
         # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
         config.num_layers = min(config.num_layers, len(model.layers))

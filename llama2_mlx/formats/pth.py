@@ -33,7 +33,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import Llama2Error
+from llama2_mlx.errors import Llama2Error
 
 # torch storage class name -> (numpy dtype of the raw bytes, mlx dtype of the tensor).
 # bfloat16 has no numpy dtype: its bytes are read as uint16 and viewed in MLX.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .hub import PathLike, reference, resolve
+from llama2_mlx.io.hub import PathLike, reference, resolve
 
 
 @dataclass
@@ -28,7 +28,7 @@ class SharedBase:
 
     @classmethod
     def load(cls, path_or_repo: PathLike, dtype: Optional[str] = None) -> "SharedBase":
-        from .loader import load
+        from llama2_mlx.checkpoints.load import load
 
         folder = resolve(path_or_repo).resolve()
         model, tokenizer = load(folder, dtype=dtype)
@@ -49,7 +49,7 @@ class SharedBase:
     def policy(self, adapter_path: Optional[PathLike] = None):
         """``(model, tokenizer)``: a twin of the base (shared weights), with the LoRA
         adapters of ``adapter_path`` applied to the twin only."""
-        from .lora import load_adapters, twin
+        from llama2_mlx.models.lora import load_adapters, twin
 
         model = twin(self.model)
         if adapter_path is not None:

@@ -14,7 +14,6 @@ paper) or padded (samples sorted by length, batched, padded at the end).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.readers import read_jsonl
 
 LONG_POLICIES = ("error", "truncate", "skip")
 PAD_ID = 0  # padding input id (never a target)
@@ -43,34 +43,6 @@ class Sample:
     def num_targets(self) -> int:
         # Token 0 is never predicted.
         return sum(self.targets[1:])
-
-
-def read_jsonl(path, strings: bool = False) -> list[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a JSONL file (``strings``: a bare
-    JSON string ``s`` is accepted as the record ``{"prompt": s}``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise Llama2Error(f"{path}: data file not found") from None
-    except UnicodeDecodeError as e:
-        raise Llama2Error(f"{path}: not UTF-8 text ({e.reason})") from None
-    records = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise Llama2Error(f"{path} line {i}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if strings and isinstance(rec, str):
-            rec = {"prompt": rec}
-        if not isinstance(rec, dict):
-            raise Llama2Error(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
-        records.append((i, rec))
-    if not records:
-        raise Llama2Error(f"{path}: empty file (no records)")
-    return records
 
 
 def _string(rec: dict, key: str, where: str) -> str:

@@ -17,12 +17,19 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from llama2_mlx.data import SFTBatches, fit_length, load_samples
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.lora import (DEFAULT_KEYS, LoRAConfig, apply_lora, lora_layers, save_adapters,
-                             train_lora_only, trainable_count)
-from llama2_mlx.progress import log_stderr
-from llama2_mlx.trainer import TrainConfig, TrainResult, evaluate, train
+from llama2_mlx.io.progress import log_stderr
+from llama2_mlx.models.lora import (
+    DEFAULT_KEYS,
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    save_adapters,
+    train_lora_only,
+    trainable_count,
+)
+from llama2_mlx.training.data import SFTBatches, fit_length, load_samples
+from llama2_mlx.training.trainer import TrainConfig, TrainResult, evaluate, train
 
 # §3.1: cosine schedule, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096,
 # 2 epochs; the floor (10% of the peak) is the pretraining schedule's (§2.2).
@@ -261,7 +268,7 @@ def lora_train(
     if model is None or tokenizer is None:
         if opts.model is None:
             raise Llama2Error("--model is required")
-        from llama2_mlx.loader import load
+        from llama2_mlx.checkpoints.load import load
 
         model, tokenizer = load(opts.model, dtype=opts.dtype)
     splits = {}

@@ -1,0 +1,1 @@
+"""The Llama 2 tokenizer and Meta's chat format (``[INST]``, ``<<SYS>>``)."""

@@ -1,0 +1,68 @@
+"""``llama2 fuse``: merge LoRA adapters into the base weights and export the model.
+
+Formats: ``mlx`` (this project's folder, quantized if the base is), ``hf``
+(Hugging Face folder: config.json, model.safetensors, tokenizer; loads in
+transformers and mlx-lm) and ``gguf`` (one llama.cpp file, f16 or f32, with
+llama.cpp's tensor names, q/k rows in Meta's interleaved RoPE order and the
+SentencePiece vocabulary).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from llama2_mlx.checkpoints.export import save_model
+from llama2_mlx.checkpoints.load import load
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.formats.gguf import read_gguf, write_gguf
+from llama2_mlx.formats.weights import DTYPES, cast
+from llama2_mlx.models.lora import fuse_lora, lora_layers
+from llama2_mlx.models.model import ModelArgs, Transformer
+
+FORMATS = ("mlx", "hf", "gguf")
+
+
+def read_gguf_model(path) -> Transformer:
+    """A ``Transformer`` from a GGUF file written by ``write_gguf`` (for checks)."""
+    fields, weights = read_gguf(path)
+    model = Transformer(ModelArgs(**fields))
+    model.load_weights(list(weights.items()))
+    return model
+
+
+def fuse_model(model: nn.Module, *, dequantize: bool = False, requantize: bool = False) -> nn.Module:
+    """Merge the LoRA layers of ``model`` into its weights (see ``lora.fuse_lora``)."""
+    if not lora_layers(model):
+        raise Llama2Error("fuse: the model has no LoRA layers (check --adapter-path)")
+    return fuse_lora(model, dequantize=dequantize, requantize=requantize)
+
+
+def fuse(
+    model_path, adapter_path, out, *, fmt: str = "mlx", dequantize: bool = False,
+    requantize: bool = False, dtype: Optional[str] = None,
+) -> Path:
+    """Load ``model_path`` with the adapters of ``adapter_path``, fuse them and write the
+    result to folder ``out`` in format ``fmt`` (mlx, hf or gguf). Returns the written path.
+
+    hf and gguf are always dequantized; ``dtype`` (float32, float16, bfloat16) casts the
+    float weights (gguf: float16 unless float32).
+    """
+    if fmt not in FORMATS:
+        raise Llama2Error(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    if dtype is not None and dtype not in DTYPES:
+        raise Llama2Error(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if fmt == "gguf" and dtype == "bfloat16":
+        raise Llama2Error("--dtype bfloat16 is not written to gguf; use float16 or float32")
+    model, tokenizer = load(model_path, adapter_path=adapter_path)
+    fuse_model(model, dequantize=dequantize or fmt != "mlx", requantize=requantize)
+    out = Path(out)
+    if fmt == "gguf":
+        name = "f32" if dtype == "float32" else "f16"
+        return write_gguf(model, out / f"model-{name}.gguf", tokenizer.model_path, name)
+    if dtype is not None:
+        model.update(tree_map(lambda a: cast(a, DTYPES[dtype]), model.parameters()))
+    return save_model(model, out, tokenizer.model_path)

@@ -1,0 +1,1 @@
+"""Checkpoint formats as tensors: the one weight table, Meta .pth, safetensors, GGUF."""

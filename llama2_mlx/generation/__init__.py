@@ -1,0 +1,1 @@
+"""Sampling and the generation ladder: step, stream, batch, K samples, chat sessions."""

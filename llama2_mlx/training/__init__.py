@@ -1,0 +1,1 @@
+"""Fine-tuning: SFT data and batches, the trainer, schedules and resumable checkpoints."""
