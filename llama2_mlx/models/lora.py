@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -236,21 +237,11 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
         # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
         config.num_layers = min(config.num_layers, len(model.layers))
         apply_lora(model, config)
-    params = dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():
-        if name not in params:
-            raise Llama2Error(f"{wfile}: tensor {name} is not a parameter of this model")
-        if kind == "lora" and name.rsplit(".", 1)[-1] not in ("lora_a", "lora_b"):
-            raise Llama2Error(f"{wfile}: tensor {name} is not a LoRA matrix")
-        if tuple(w.shape) != tuple(params[name].shape):
-            raise Llama2Error(
-                f"{wfile}: tensor {name} has shape {tuple(w.shape)}, "
-                f"the model expects {tuple(params[name].shape)}"
-            )
-    if kind == "lora":
-        missing = sorted(set(adapter_weights(model)) - set(weights))
-        if missing:
-            raise Llama2Error(f"{wfile}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if kind == "lora":  # exactly the LoRA matrices
+        expected = {k: tuple(v.shape) for k, v in adapter_weights(model).items()}
+        check_state_dict(weights, expected, wfile, what="this model's LoRA layers")
+    else:  # a full fine-tune saves every parameter it trained, a subset of the model's
+        check_state_dict(weights, parameter_shapes(model), wfile, partial=True)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return model

@@ -17,6 +17,8 @@ import mlx.nn as nn
 import numpy as np
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.formats.safetensors import read_safetensors
+from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.hub import reference
 from llama2_mlx.models.cache import common_prefix_length, fork, make_cache
 from llama2_mlx.models.model import LlamaModel, ModelArgs, Transformer
@@ -283,22 +285,8 @@ def load_reward_model(path, *, dtype=None, base_model=None, shared=None):
 
 
 def _load_checked(rm: RewardModel, file: Path, prefix: str) -> None:
-    from mlx.utils import tree_flatten
-
-    try:
-        weights = mx.load(str(file))
-    except FileNotFoundError:
-        raise Llama2Error(f"{file}: not found") from None
-    except (RuntimeError, ValueError) as e:
-        raise Llama2Error(f"{file}: unreadable ({e})") from None
-    params = {k: v for k, v in tree_flatten(rm.parameters()) if k.startswith(prefix)}
-    for name, w in weights.items():
-        if name not in params:
-            raise Llama2Error(f"{file}: tensor {name} is not a parameter of the reward model")
-        if tuple(w.shape) != tuple(params[name].shape):
-            raise Llama2Error(f"{file}: tensor {name} has shape {tuple(w.shape)}, "
-                              f"the model expects {tuple(params[name].shape)}")
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise Llama2Error(f"{file}: missing tensor {missing[0]} ({len(missing)} missing)")
+    """Load the ``prefix`` part of the reward model (head or backbone) from ``file``."""
+    weights = read_safetensors(file)
+    expected = {k: v for k, v in parameter_shapes(rm).items() if k.startswith(prefix)}
+    check_state_dict(weights, expected, file, what="the reward model")
     rm.load_weights(list(weights.items()), strict=False)
