@@ -20,6 +20,7 @@ from conftest import make_model
 from typer.testing import CliRunner
 
 from cli.app import app
+from llama2_mlx.chat.records import read_prompts
 from llama2_mlx.chat.tokenizer import Tokenizer, train_tokenizer
 from llama2_mlx.checkpoints.export import save_model
 from llama2_mlx.checkpoints.load import load
@@ -28,9 +29,8 @@ from llama2_mlx.generation.generate import GenerationConfig, batch_generate
 from llama2_mlx.rlhf.rejection import (
     RSConfig,
     RSLoopConfig,
-    _cut_at_tags,
+    _answer,
     _pick_best,
-    read_prompts,
     rejection_sample,
     rs_loop,
 )
@@ -215,8 +215,12 @@ def test_sampling_prefills_the_prompt_once_and_decodes_k_rows_as_a_batch(task):
 def test_pick_best_prefers_answers_that_finished_and_answers_end_at_chat_tags():
     assert _pick_best([0.1, 5.0, 0.3], [True, False, True]) == 2
     assert _pick_best([0.1, 5.0, 0.3], [False, False, False]) == 1
-    assert _cut_at_tags(" four [INST] more") == ("four", True)
-    assert _cut_at_tags(" four ") == ("four", False)
+
+    class Text:  # ids that decode to themselves
+        decode = staticmethod(lambda text: text)
+
+    assert _answer(Text, " four [INST] more") == ("four", True)
+    assert _answer(Text, " four ") == ("four", False)
 
 
 def test_rejection_sample_cli_writes_lora_train_records(task, tmp_path):

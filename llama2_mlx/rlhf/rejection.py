@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
+from llama2_mlx.chat.records import cut_answer, read_prompts
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.io.readers import read_jsonl
-from llama2_mlx.rlhf.reward_data import encode_response, prompt_messages
+from llama2_mlx.rlhf.reward_data import encode_response
 from llama2_mlx.rlhf.reward_model import (
     RewardModel,
     score_sequences,
@@ -38,21 +38,6 @@ from llama2_mlx.rlhf.reward_model import (
 
 if TYPE_CHECKING:
     from llama2_mlx.training.sft import SFTOptions
-
-
-def read_prompts(path) -> list[list[dict]]:
-    """Prompts of a JSONL file as chat messages ending with a user turn: records with a
-    ``"prompt"`` (string or messages, optional ``"system"``) or ``"messages"`` (a trailing
-    assistant turn, as in ``lora-train`` data, is dropped), or bare JSON strings."""
-    prompts = []
-    for n, rec in read_jsonl(path, strings=True):
-        where = f"{path} line {n}"
-        msgs = rec.get("messages")
-        if "prompt" not in rec and isinstance(msgs, list) and msgs \
-                and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
-            rec = {"messages": msgs[:-1]}
-        prompts.append(prompt_messages(rec, where))
-    return prompts
 
 
 @dataclass
@@ -137,10 +122,10 @@ class RSReport:
                 f"{self.seconds:.1f}s (sampling {self.sample_seconds:.1f}s, scoring {self.score_seconds:.1f}s)")
 
 
-def _cut_at_tags(text: str) -> tuple[str, bool]:
-    # As in chat: an answer ends at a chat-format tag (it could not be encoded otherwise).
-    at = min((i for i in (text.find(t) for t in SPECIAL_TAGS) if i >= 0), default=-1)
-    return (text[:at].strip(), True) if at >= 0 else (text.strip(), False)
+def _answer(tokenizer, ids) -> tuple[str, bool]:
+    """A sampled answer's text, cut at the first chat tag, and whether it was cut there."""
+    text, cut = cut_answer(tokenizer.decode(ids))
+    return text.strip(), cut
 
 
 def _pick_best(rewards: Sequence[float], finished: Sequence[bool]) -> int:
@@ -178,7 +163,7 @@ def rejection_sample(
                 outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
                                      tokenizer.eos_id, tokenizer.vocab_size)
                 t1 = time.perf_counter()
-                texts, cut = zip(*(_cut_at_tags(tokenizer.decode(o)) for o in outs))
+                texts, cut = zip(*(_answer(tokenizer, o) for o in outs))
                 finished = [e or c for e, c in zip(eos, cut)]
                 seqs = [encode_response(rm_tokenizer, prompt, t, rm.max_len)
                         for t in texts]
@@ -215,7 +200,7 @@ def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
         for i in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[i : i + batch_size]]
             outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk], config)
-            texts += [_cut_at_tags(tokenizer.decode(o))[0] for o in outs]
+            texts += [_answer(tokenizer, o)[0] for o in outs]
     finally:
         policy.train(was_training)
     seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
