@@ -256,3 +256,21 @@ def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
     assert "train.jsonl line 2: invalid JSON" in r.output and len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["lora-train", "--model", str(model_dir), "--data", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "--data:" in r.output and "is not a folder" in r.output
+
+
+def test_evaluate_runs_in_eval_mode_and_gives_the_training_mode_back():
+    model = make_model()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(m.training)
+        if batch == "bad":
+            raise RuntimeError("bad batch")
+        return mx.array(2.0), mx.array(1)
+
+    model.train()
+    assert evaluate(model, loss_fn, ["ok", "ok"]) == (2.0, 2) and seen == [False, False]
+    assert model.training
+    with pytest.raises(RuntimeError):
+        evaluate(model, loss_fn, ["bad"])
+    assert model.training

@@ -29,6 +29,7 @@ from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sam
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.models.model import eval_mode
 from llama2_mlx.rlhf.reward_data import encode_response
 from llama2_mlx.rlhf.reward_model import (
     RewardModel,
@@ -150,32 +151,26 @@ def rejection_sample(
     gen = dataclasses.replace(config.generation, seed=None)
     if config.generation.seed is not None:
         mx.random.seed(config.generation.seed)
-    was_training = policy.training
-    policy.eval()
     report = RSReport([])
     tic = time.perf_counter()
-    try:
-        with ProgressBar("rejection-sample", len(prompts), ("best {best}", "median {median}"),
-                         enabled=progress) as bar:
-            for n, prompt in enumerate(prompts, 1):
-                prompt = list(prompt)
-                t0 = time.perf_counter()
-                outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
-                                     tokenizer.eos_id, tokenizer.vocab_size)
-                t1 = time.perf_counter()
-                texts, cut = zip(*(_answer(tokenizer, o) for o in outs))
-                finished = [e or c for e, c in zip(eos, cut)]
-                seqs = [encode_response(rm_tokenizer, prompt, t, rm.max_len)
-                        for t in texts]
-                rewards = score_shared_prefix(rm, seqs, batch_size=config.score_batch_size)
-                report.sample_seconds += t1 - t0
-                report.score_seconds += time.perf_counter() - t1
-                report.generated_tokens += sum(len(o) for o in outs)
-                report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
-                                                    _pick_best(rewards, finished)))
-                bar.update(n, best=f"{report.mean_best:.3f}", median=f"{report.mean_median:.3f}")
-    finally:
-        policy.train(was_training)
+    with eval_mode(policy), ProgressBar("rejection-sample", len(prompts),
+                                        ("best {best}", "median {median}"), enabled=progress) as bar:
+        for n, prompt in enumerate(prompts, 1):
+            prompt = list(prompt)
+            t0 = time.perf_counter()
+            outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
+                                 tokenizer.eos_id, tokenizer.vocab_size)
+            t1 = time.perf_counter()
+            texts, cut = zip(*(_answer(tokenizer, o) for o in outs))
+            finished = [e or c for e, c in zip(eos, cut)]
+            seqs = [encode_response(rm_tokenizer, prompt, t, rm.max_len) for t in texts]
+            rewards = score_shared_prefix(rm, seqs, batch_size=config.score_batch_size)
+            report.sample_seconds += t1 - t0
+            report.score_seconds += time.perf_counter() - t1
+            report.generated_tokens += sum(len(o) for o in outs)
+            report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
+                                                _pick_best(rewards, finished)))
+            bar.update(n, best=f"{report.mean_best:.3f}", median=f"{report.mean_median:.3f}")
     report.seconds = time.perf_counter() - tic
     return report
 
@@ -192,17 +187,13 @@ def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
                    prompts: Sequence[Sequence[dict]], *, max_tokens: int = 256,
                    batch_size: int = 16) -> list[float]:
     """The reward of the policy's greedy answer to each prompt (prompts decoded in batches)."""
-    was_training = policy.training
-    policy.eval()
     config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
     texts = []
-    try:
+    with eval_mode(policy):
         for i in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[i : i + batch_size]]
             outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk], config)
             texts += [_answer(tokenizer, o)[0] for o in outs]
-    finally:
-        policy.train(was_training)
     seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
             for p, t in zip(prompts, texts)]
     return score_sequences(rm, seqs, batch_size=batch_size)

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
+from llama2_mlx.models.model import eval_mode
 from llama2_mlx.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -143,16 +144,14 @@ def evaluate(
     model: nn.Module, loss_fn: LossFn, batches: Iterable, max_batches: int = -1
 ) -> tuple[float, int]:
     """(mean loss, count) over ``batches`` (the first ``max_batches`` of them unless -1)."""
-    was_training = model.training
-    model.eval()
     total, count = mx.array(0.0), mx.array(0)
-    for i, batch in enumerate(batches):
-        if 0 <= max_batches <= i:
-            break
-        s, n = loss_fn(model, batch)
-        total, count = total + s.astype(mx.float32), count + n
-        mx.eval(total, count)
-    model.train(was_training)
+    with eval_mode(model):
+        for i, batch in enumerate(batches):
+            if 0 <= max_batches <= i:
+                break
+            s, n = loss_fn(model, batch)
+            total, count = total + s.astype(mx.float32), count + n
+            mx.eval(total, count)
     n = int(count.item())
     return (total.item() / n if n else float("nan")), n
 
