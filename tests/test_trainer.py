@@ -274,3 +274,13 @@ def test_evaluate_runs_in_eval_mode_and_gives_the_training_mode_back():
     with pytest.raises(RuntimeError):
         evaluate(model, loss_fn, ["bad"])
     assert model.training
+
+
+def test_a_refused_run_leaves_an_earlier_runs_checkpoints(tmp_path):
+    run(tmp_path, iters=2)
+    before = list_checkpoints(tmp_path / "ckpt")
+    b = SFTBatches(random_samples(4), 2, 40, pack=True, seed=0)
+    cfg = TrainConfig(iters=1, grad_checkpoint=True, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
+        train(lora_model(dropout=0.1), sft_loss, b, cfg)
+    assert before and list_checkpoints(tmp_path / "ckpt") == before
