@@ -167,7 +167,8 @@ def rs_loop(
     resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
-    from llama2_mlx.rlhf.rejection import RSConfig, RSLoopConfig, rs_loop_files
+    from llama2_mlx.rlhf.rejection import RSConfig
+    from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop_files
     from llama2_mlx.training.sft import SFTOptions
 
     cli = dict(lr=lr if lr is not None or sft_config else 1e-4, epochs=epochs, iters=iters,

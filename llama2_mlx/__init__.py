@@ -43,8 +43,8 @@ _API = {
     "train_reward_model": "llama2_mlx.rlhf.reward",
     "RSConfig": "llama2_mlx.rlhf.rejection",
     "rejection_sample": "llama2_mlx.rlhf.rejection",
-    "RSLoopConfig": "llama2_mlx.rlhf.rejection",
-    "rs_loop": "llama2_mlx.rlhf.rejection",
+    "RSLoopConfig": "llama2_mlx.rlhf.rs_loop",
+    "rs_loop": "llama2_mlx.rlhf.rs_loop",
 }
 
 __all__ = sorted(_API)

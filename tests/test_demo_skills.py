@@ -68,7 +68,7 @@ def _solves(task, question):
 
 
 def test_written_files_are_what_the_commands_read(tmp_path, tok):
-    from llama2_mlx.rlhf.rejection import read_prompts
+    from llama2_mlx.chat.records import read_prompts
     from llama2_mlx.rlhf.reward_data import load_reward_data
     from llama2_mlx.training.data import load_samples
 

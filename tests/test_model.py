@@ -130,3 +130,23 @@ def test_bounded_cache_holds_its_bound_and_matches_window_attention(tiny_model, 
     np.testing.assert_allclose(np.array(mx.concatenate(outs, 1)), np.array(ref), atol=1e-5)
     a = tiny_model.args
     assert cache_nbytes(cache) == 2 * a.n_layers * a.n_kv_heads * 8 * a.head_dim * 4
+
+
+def test_eval_mode_switches_dropout_off_and_gives_back_the_mode_it_found():
+    import mlx.nn as nn
+
+    from llama2_mlx.models.model import eval_mode
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
+    x = mx.ones((2, 4))
+    with eval_mode(model):
+        assert not any(m.training for _, m in model.named_modules())
+        assert mx.array_equal(model(x), model(x))  # no dropout
+    assert all(m.training for _, m in model.named_modules())
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a failure inside the block")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training  # an eval-mode model stays in eval mode

@@ -20,20 +20,14 @@ from conftest import make_model
 from typer.testing import CliRunner
 
 from cli.app import app
+from llama2_mlx.chat.records import read_prompts
 from llama2_mlx.chat.tokenizer import Tokenizer, train_tokenizer
 from llama2_mlx.checkpoints.export import save_model
 from llama2_mlx.checkpoints.load import load
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate
-from llama2_mlx.rlhf.rejection import (
-    RSConfig,
-    RSLoopConfig,
-    _cut_at_tags,
-    _pick_best,
-    read_prompts,
-    rejection_sample,
-    rs_loop,
-)
+from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
 from llama2_mlx.rlhf.reward import (
     RewardTrainConfig,
     fit_reward_model,
@@ -215,8 +209,12 @@ def test_sampling_prefills_the_prompt_once_and_decodes_k_rows_as_a_batch(task):
 def test_pick_best_prefers_answers_that_finished_and_answers_end_at_chat_tags():
     assert _pick_best([0.1, 5.0, 0.3], [True, False, True]) == 2
     assert _pick_best([0.1, 5.0, 0.3], [False, False, False]) == 1
-    assert _cut_at_tags(" four [INST] more") == ("four", True)
-    assert _cut_at_tags(" four ") == ("four", False)
+
+    class Text:  # ids that decode to themselves
+        decode = staticmethod(lambda text: text)
+
+    assert _answer(Text, " four [INST] more") == ("four", True)
+    assert _answer(Text, " four ") == ("four", False)
 
 
 def test_rejection_sample_cli_writes_lora_train_records(task, tmp_path):
@@ -242,7 +240,8 @@ def test_rejection_sample_cli_writes_lora_train_records(task, tmp_path):
 
 def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapters(task, tmp_path):
     from llama2_mlx.models.lora import read_adapter_config
-    from llama2_mlx.rlhf.rejection import _load_pair, finetune
+    from llama2_mlx.rlhf.rejection import load_models
+    from llama2_mlx.rlhf.rs_loop import finetune
 
     # A starting policy with its own (rank 2) adapters.
     (tmp_path / "seed.jsonl").write_text(
@@ -251,8 +250,8 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
     opts = SFTOptions(iters=1, batch_size=4, pack=False, max_seq_length=64, rank=2,
                       save_every=0, progress=False)
     finetune(model, tok, tmp_path / "seed.jsonl", tmp_path / "start", opts, log=lambda s: None)
-    base, lora_config, rm, _ = _load_pair(task.policy_dir, tmp_path / "start", task.rm_dir, None,
-                                          log=lambda s: None)
+    base, lora_config, rm, _ = load_models(task.policy_dir, tmp_path / "start", task.rm_dir, None,
+                                           log=lambda s: None)
     assert lora_config.rank == 2
     assert not base.shared_by(rm)  # the reward model was trained on another base
 

@@ -256,3 +256,31 @@ def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
     assert "train.jsonl line 2: invalid JSON" in r.output and len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["lora-train", "--model", str(model_dir), "--data", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "--data:" in r.output and "is not a folder" in r.output
+
+
+def test_evaluate_runs_in_eval_mode_and_gives_the_training_mode_back():
+    model = make_model()
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(m.training)
+        if batch == "bad":
+            raise RuntimeError("bad batch")
+        return mx.array(2.0), mx.array(1)
+
+    model.train()
+    assert evaluate(model, loss_fn, ["ok", "ok"]) == (2.0, 2) and seen == [False, False]
+    assert model.training
+    with pytest.raises(RuntimeError):
+        evaluate(model, loss_fn, ["bad"])
+    assert model.training
+
+
+def test_a_refused_run_leaves_an_earlier_runs_checkpoints(tmp_path):
+    run(tmp_path, iters=2)
+    before = list_checkpoints(tmp_path / "ckpt")
+    b = SFTBatches(random_samples(4), 2, 40, pack=True, seed=0)
+    cfg = TrainConfig(iters=1, grad_checkpoint=True, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
+        train(lora_model(dropout=0.1), sft_loss, b, cfg)
+    assert before and list_checkpoints(tmp_path / "ckpt") == before

@@ -413,23 +413,18 @@ def task_of(question: str) -> Optional[str]:
 
 def check_file(path) -> dict[str, tuple[int, int]]:
     """Checked answers of a JSONL file of dialogs ending with the answer (``lora-train``
-    data, the winners of ``rejection-sample``) or ``{"prompt", "response"}`` records:
-    (right, total) per skill or task, found from the question's form."""
-    from llama2_mlx.io.readers import read_jsonl
+    data, the winners of ``rejection-sample``) or ``{"prompt", "response"}`` records
+    (``records.response_of``): (right, total) per skill or task, found from the form of
+    the question (the last user turn)."""
+    from llama2_mlx.chat.records import read_records, response_of
 
     counts: dict[str, list[int]] = {}
-    for line, rec in read_jsonl(path):
-        msgs = rec.get("messages")
-        if isinstance(msgs, list) and len(msgs) >= 2 and msgs[-1].get("role") == "assistant":
-            question, answer = msgs[-2].get("content"), msgs[-1].get("content")
-        else:
-            question, answer = rec.get("prompt"), rec.get("response", rec.get("completion"))
-        if not isinstance(question, str) or not isinstance(answer, str):
-            raise Llama2Error(f"{path} line {line}: needs 'messages' ending with the answer, "
-                              "or a 'prompt' and a 'response'")
+    for where, rec in read_records(path):
+        prompt, answer = response_of(rec, where, empty_ok=True)  # saying nothing is wrong, not bad data
+        question = prompt[-1]["content"]
         name = task_of(question)
         if name is None:
-            raise Llama2Error(f"{path} line {line}: no checker for {question!r}")
+            raise Llama2Error(f"{where}: no checker for {question!r}")
         c = counts.setdefault(name, [0, 0])
         c[0] += check(name, question, answer)
         c[1] += 1

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
+from llama2_mlx.chat.records import cut_answer
 from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.sample import (
@@ -194,10 +195,10 @@ class StopStrings:
         if not self.stops:
             return text
         buf = self.buffer + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit, self.buffer = True, ""
-            return buf[: min(found)]
+        head, self.hit = cut_answer(buf, self.stops)
+        if self.hit:
+            self.buffer = ""
+            return head
         hold = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), hold, -1):
@@ -396,8 +397,8 @@ class ChatSession:
     turn, and the part of it already in the KV cache (``PromptCache``; all of it up to
     the new turn, as a rule) is not run again (``reuse_cache=False``: re-run it all).
 
-    Generation also stops at the chat-format tags (an answer holding one could
-    not be encoded in the next turn).
+    Generation also stops at the chat-format tags (``records.cut_answer``'s default
+    stops: an answer holding one could not be encoded in the next turn).
     """
 
     def __init__(self, model, tokenizer, config: Optional[GenerationConfig] = None,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
+from llama2_mlx.chat.records import read_records, response_of
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.models.model import Transformer
 from llama2_mlx.rlhf.reward_data import (
@@ -34,7 +35,6 @@ from llama2_mlx.rlhf.reward_data import (
     encode_pairs,
     load_pairs,
     load_reward_data,
-    response_of,
 )
 from llama2_mlx.rlhf.reward_model import (
     RewardMetrics,
@@ -227,10 +227,9 @@ def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
     """Score every prompt/response record of ``data`` (see ``response_of``) and write the
     records with their score under ``key`` to ``out``; returns the scores."""
     from llama2_mlx.io.atomic import write_jsonl_atomic
-    from llama2_mlx.io.readers import read_jsonl
 
-    records = read_jsonl(data)
-    items = [response_of(r, f"{data} line {n}") for n, r in records]
+    records = read_records(data)
+    items = [response_of(r, where) for where, r in records]
     rm, tokenizer = load_reward_model(reward_model, dtype=dtype)
     scores = score_responses(rm, tokenizer, [p for p, _ in items], [r for _, r in items],
                              batch_size=batch_size)

@@ -3,9 +3,8 @@
 Preference pairs read from JSONL (``parse_pair``, ``load_pairs``, ``load_reward_data``),
 the margins of Table 27 by rating, the chat encoding of a prompt with a response as the
 assistant turn (``encode_response``, ``encode_pairs``) and the trainer's batches of pairs
-(``PairBatch``, ``PairBatches``). ``response_of`` reads the records that ``score_file``
-scores. The model, its loss, metrics, scoring and training live in ``reward``, which
-re-exports every public name here.
+(``PairBatch``, ``PairBatches``). The model, its loss, metrics and scoring live in
+``reward_model``, training in ``reward``.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from llama2_mlx.chat.records import answer_of, prompt_of, read_records
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.io.readers import read_jsonl
 from llama2_mlx.training.data import EpochBatches, epoch_rng
 
 # Table 27: margin m(r) by preference rating.
@@ -54,41 +53,9 @@ def normalize_rating(rating: str) -> Optional[str]:
     return key if key in RATINGS else None
 
 
-def prompt_messages(record: dict, where: str) -> list[dict]:
-    """The prompt of a JSONL record as chat messages: ``"prompt"`` (a string or a list of
-    messages, with an optional ``"system"``) or ``"messages"`` ending with a user turn."""
-    from llama2_mlx.chat.tokenizer import validate_messages
-
-    if "messages" in record and "prompt" not in record:
-        messages = record["messages"]
-    elif "prompt" in record:
-        messages = record["prompt"]
-    else:
-        raise Llama2Error(f"{where}: needs a 'prompt' or 'messages'")
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-        system = record.get("system")
-        if system is not None:
-            if not isinstance(system, str):
-                raise Llama2Error(f"{where}: 'system' must be a string")
-            messages.insert(0, {"role": "system", "content": system})
-    if not isinstance(messages, list):
-        raise Llama2Error(f"{where}: the prompt must be a string or a list of messages")
-    validate_messages(messages, where=where)
-    if messages[-1]["role"] != "user":
-        raise Llama2Error(f"{where}: the prompt's last message must be from the user")
-    return messages
-
-
-def _text_field(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise Llama2Error(f"{where}: {key!r} must be a non-empty string")
-    return value
-
-
 def parse_pair(record: dict, *, margin: str = "small", where: str = "pair") -> PreferencePair:
-    """Validate one ``{"prompt"|"messages", "chosen", "rejected", "margin"?, "rating"?}``.
+    """Validate one ``{"prompt"|"messages", "chosen", "rejected", "margin"?, "rating"?}``
+    (the prompt and the two answers by the rules of ``chat.records``).
 
     ``margin`` is the scheme for ratings (``small``, ``large`` or ``none``); an explicit
     numeric ``"margin"`` is used as given, except under ``none`` (no margin at all).
@@ -97,9 +64,9 @@ def parse_pair(record: dict, *, margin: str = "small", where: str = "pair") -> P
         raise Llama2Error(f"--margin must be one of {', '.join(MARGINS)}, not {margin!r}")
     if not isinstance(record, dict):
         raise Llama2Error(f"{where}: expected a JSON object")
-    prompt = prompt_messages(record, where)
-    chosen = _text_field(record, "chosen", where)
-    rejected = _text_field(record, "rejected", where)
+    prompt = prompt_of(record, where)
+    chosen = answer_of(record, "chosen", prompt, where)
+    rejected = answer_of(record, "rejected", prompt, where)
     if chosen.strip() == rejected.strip():
         raise Llama2Error(f"{where}: 'chosen' and 'rejected' are the same response")
     rating = None
@@ -123,7 +90,7 @@ def parse_pair(record: dict, *, margin: str = "small", where: str = "pair") -> P
 
 def load_pairs(path: str | os.PathLike, *, margin: str = "small") -> list[PreferencePair]:
     """Read a preference JSONL file (see ``parse_pair``)."""
-    return [parse_pair(r, margin=margin, where=f"{path} line {n}") for n, r in read_jsonl(path)]
+    return [parse_pair(r, margin=margin, where=where) for where, r in read_records(path)]
 
 
 def load_reward_data(
@@ -236,24 +203,3 @@ class PairBatches:
         n = len(self.pairs)
         order = epoch_rng(self.seed, epoch).permutation(n) if self.shuffle else np.arange(n)
         return EpochBatches(self, [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)])
-
-
-
-# --------------------------------------------------------------------------- scoring records
-
-
-def response_of(record: dict, where: str) -> tuple[list[dict], str]:
-    """(prompt messages, response) of a record to score: ``"response"`` (or ``"completion"``)
-    with a ``"prompt"``/``"messages"`` prompt, or ``"messages"`` ending with the assistant."""
-    for key in ("response", "completion"):
-        if key in record:
-            return prompt_messages(record, where), _text_field(record, key, where)
-    msgs = record.get("messages")
-    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) \
-            and msgs[-1].get("role") == "assistant":
-        from llama2_mlx.chat.tokenizer import validate_messages
-
-        validate_messages(msgs, where=where)
-        return list(msgs[:-1]), _text_field(msgs[-1], "content", f"{where}: last message")
-    raise Llama2Error(f"{where}: needs a 'response' (or 'completion') with a 'prompt', "
-                      "or 'messages' ending with an assistant turn")

@@ -21,7 +21,7 @@ from llama2_mlx.formats.safetensors import read_safetensors
 from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.hub import reference
 from llama2_mlx.models.cache import common_prefix_length, fork, make_cache
-from llama2_mlx.models.model import LlamaModel, ModelArgs, Transformer
+from llama2_mlx.models.model import LlamaModel, ModelArgs, Transformer, eval_mode
 from llama2_mlx.rlhf.reward_data import (
     RATINGS,
     EncodedPair,
@@ -137,19 +137,15 @@ def metrics_from_rewards(r_chosen: Sequence[float], r_rejected: Sequence[float],
 def score_sequences(rm: RewardModel, seqs: Sequence[Sequence[int]], *, batch_size: int = 16,
                     pad_id: int = 0) -> list[float]:
     """The reward of each token sequence (batched by similar length; order kept)."""
-    was_training = rm.training
-    rm.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
-    try:
+    with eval_mode(rm):
         for i in range(0, len(order), batch_size):
             idx = order[i : i + batch_size]
             tokens, lengths = pad_right([seqs[j] for j in idx], pad_id)
             r = rm(tokens, lengths).astype(mx.float32)
             for j, v in zip(idx, r.tolist()):
                 out[j] = v
-    finally:
-        rm.train(was_training)
     return out
 
 
@@ -168,9 +164,7 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
     L = min(common_prefix_length(seqs), min(len(s) for s in seqs) - 1)  # >= 1 token left per row
     if L < 1:
         return score_sequences(rm, seqs, batch_size=batch_size, pad_id=pad_id)
-    was_training = rm.training
-    rm.eval()
-    try:
+    with eval_mode(rm):
         prefix = make_cache(rm)
         rm.model(mx.array([list(seqs[0][:L])]), cache=prefix)
         mx.eval([(c.keys, c.values) for c in prefix])
@@ -180,8 +174,6 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
             cache = fork(prefix, tokens.shape[0])  # every chunk reads the one prefilled prompt
             rewards += rm(tokens, lengths, cache=cache).astype(mx.float32).tolist()
         return rewards
-    finally:
-        rm.train(was_training)
 
 
 def score_responses(rm: RewardModel, tokenizer, prompts: Sequence[Sequence[dict]],

@@ -1,7 +1,7 @@
 """Supervised fine-tuning data: JSONL records to token samples to batches.
 
-Records (one JSON object a line): ``{"prompt", "completion"}`` (one chat turn,
-an optional ``"system"``), ``{"messages": [...]}`` (Llama 2 chat, multi-turn) or
+Records (one JSON object a line): the dialog records of ``chat.records`` (``{"prompt",
+"completion"}`` with an optional ``"system"``, or ``{"messages": [...]}``, multi-turn) or
 ``{"text"}`` (plain language modelling). A sample is its tokens and a flag per
 token saying whether it is a training target: answer tokens and the EOS that
 ends each answer (every assistant turn), never the prompt, the chat markup or
@@ -15,14 +15,13 @@ paper) or padded (samples sorted by length, batched, padded at the end).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from llama2_mlx.chat.records import has_dialog, read_records, sft_dialog, string_field
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.io.readers import read_jsonl
 
 LONG_POLICIES = ("error", "truncate", "skip")
 PAD_ID = 0  # padding input id (never a target)
@@ -45,39 +44,14 @@ class Sample:
         return sum(self.targets[1:])
 
 
-def _string(rec: dict, key: str, where: str) -> str:
-    value = rec[key]
-    if not isinstance(value, str):
-        raise Llama2Error(f"{where}: '{key}' must be a string, got {type(value).__name__}")
-    return value
-
-
 def tokenize_record(record: dict, tokenizer, where: str = "record") -> Sample:
-    """The sample of one record (``where`` names it in errors, e.g. ``train.jsonl line 3``)."""
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list):
-            raise Llama2Error(f"{where}: 'messages' must be a list")
-    elif "prompt" in record or "completion" in record:
-        if "prompt" not in record or "completion" not in record:
-            missing = "completion" if "prompt" in record else "prompt"
-            raise Llama2Error(f"{where}: has no '{missing}'")
-        messages = [
-            {"role": "user", "content": _string(record, "prompt", where)},
-            {"role": "assistant", "content": _string(record, "completion", where)},
-        ]
-        if "system" in record:
-            messages.insert(0, {"role": "system", "content": _string(record, "system", where)})
-    elif "text" in record:
-        ids = tokenizer.encode(_string(record, "text", where), bos=True, eos=True)
+    """The sample of one record (``where`` names it in errors, e.g. ``train.jsonl line 3``):
+    a dialog (``records.sft_dialog``) or ``{"text"}``."""
+    if "text" in record and not has_dialog(record):
+        ids = tokenizer.encode(string_field(record, "text", where), bos=True, eos=True)
         return Sample(ids, [True] * len(ids), where)
-    else:
-        keys = ", ".join(sorted(record)) or "none"
-        raise Llama2Error(
-            f"{where}: needs 'prompt' and 'completion', 'messages' or 'text' (has {keys})"
-        )
     tokens, targets = [], []
-    for ids, is_target in tokenizer.chat_segments(messages, where=where):
+    for ids, is_target in tokenizer.chat_segments(sft_dialog(record, where), where=where):
         tokens += ids
         targets += [is_target] * len(ids)
     sample = Sample(tokens, targets, where)
@@ -88,8 +62,7 @@ def tokenize_record(record: dict, tokenizer, where: str = "record") -> Sample:
 
 def load_samples(path, tokenizer) -> list[Sample]:
     """Every record of a JSONL file as a sample (errors name the file and line)."""
-    name = Path(path)
-    return [tokenize_record(rec, tokenizer, f"{name} line {i}") for i, rec in read_jsonl(path)]
+    return [tokenize_record(rec, tokenizer, where) for where, rec in read_records(path)]
 
 
 @dataclass

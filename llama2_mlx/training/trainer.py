@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
+from llama2_mlx.models.model import eval_mode
 from llama2_mlx.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -143,16 +144,14 @@ def evaluate(
     model: nn.Module, loss_fn: LossFn, batches: Iterable, max_batches: int = -1
 ) -> tuple[float, int]:
     """(mean loss, count) over ``batches`` (the first ``max_batches`` of them unless -1)."""
-    was_training = model.training
-    model.eval()
     total, count = mx.array(0.0), mx.array(0)
-    for i, batch in enumerate(batches):
-        if 0 <= max_batches <= i:
-            break
-        s, n = loss_fn(model, batch)
-        total, count = total + s.astype(mx.float32), count + n
-        mx.eval(total, count)
-    model.train(was_training)
+    with eval_mode(model):
+        for i, batch in enumerate(batches):
+            if 0 <= max_batches <= i:
+                break
+            s, n = loss_fn(model, batch)
+            total, count = total + s.astype(mx.float32), count + n
+            mx.eval(total, count)
     n = int(count.item())
     return (total.item() / n if n else float("nan")), n
 
@@ -194,161 +193,228 @@ def train(
     gradient norm raises ``Llama2Error`` before the update, leaving the last
     good checkpoint and artefacts untouched.
     """
-    say = log or (lambda s: None)
-    per_epoch = len(train_batches(0))
-    if per_epoch == 0:
-        raise Llama2Error("no training batches")
-    ga = config.grad_accum
-    total_micro, total_steps = config.micro_batches(per_epoch), config.total_steps(per_epoch)
-    warmup = config.warmup_steps(total_steps)
-    schedule = lr_schedule(config.lr, total_steps, warmup, config.min_lr_ratio, config.schedule)
-    optimizer = make_optimizer(config, schedule)
-    fingerprint = {
-        **{k: getattr(config, k) for k in RESUME_KEYS if hasattr(config, k)}, "warmup": warmup,
-        "betas": list(config.betas), "total_steps": total_steps, "batches_per_epoch": per_epoch,
-    }
-    result = TrainResult(total_steps=total_steps)
-    ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    run = _Run(model, loss_fn, train_batches, config, val_batches=val_batches,
+               on_save=on_save, on_step=on_step, say=log or (lambda s: None))
+    return run.loop()
 
-    start = 0
-    if config.resume:
+
+class _Run:
+    """One ``train`` call: ``__init__`` runs the setup steps (model, data, optimizer and
+    schedule, resume), ``loop`` the training loop, which the other methods serve."""
+
+    def __init__(self, model, loss_fn, train_batches, config: TrainConfig, *,
+                 val_batches, on_save, on_step, say):
+        self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.val_batches, self.on_save, self.on_step, self.say = val_batches, on_save, on_step, say
+        self.ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        # The model first: a run it refuses must not remove an earlier run's checkpoints.
+        self._setup_model()
+        self._setup_data(train_batches)
+        self._setup_optimizer()
+        self.result = TrainResult(total_steps=self.total_steps)
+        self.start = self._setup_resume()
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_model(self) -> None:
+        """Gradient checkpointing as configured and the loss-and-gradient function."""
+        model = self.model
+        if self.config.grad_checkpoint and any(
+            isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()
+        ):
+            # The backward pass recomputes each block and would draw other dropout masks.
+            raise Llama2Error("--grad-checkpoint cannot be combined with dropout > 0")
+        set_grad_checkpoint(model, self.config.grad_checkpoint)
+        self.loss_and_grad = nn.value_and_grad(model, self.loss_fn)
+
+    def _setup_data(self, train_batches: Callable[[int], Sequence]) -> None:
+        """The run's length from the data: batches an epoch, micro-batches and steps."""
+        self.train_batches = train_batches
+        self.per_epoch = len(train_batches(0))
+        if self.per_epoch == 0:
+            raise Llama2Error("no training batches")
+        self.total_micro = self.config.micro_batches(self.per_epoch)
+        self.total_steps = self.config.total_steps(self.per_epoch)
+        self.epoch_cache: dict[int, Sequence] = {}
+
+    def _setup_optimizer(self) -> None:
+        """The learning-rate schedule, the optimizer and the settings a resumed run must
+        share with its checkpoint (``fingerprint``)."""
+        config, total = self.config, self.total_steps
+        warmup = config.warmup_steps(total)
+        self.schedule = lr_schedule(config.lr, total, warmup, config.min_lr_ratio, config.schedule)
+        self.optimizer = make_optimizer(config, self.schedule)
+        self.fingerprint = {
+            **{k: getattr(config, k) for k in RESUME_KEYS if hasattr(config, k)}, "warmup": warmup,
+            "betas": list(config.betas), "total_steps": total, "batches_per_epoch": self.per_epoch,
+        }
+
+    def _setup_resume(self) -> int:
+        """The step the run starts at: with ``resume``, the last checkpoint's (its weights,
+        optimizer state and history restored); else 0."""
+        ckpt_dir, result = self.ckpt_dir, self.result
+        if not self.config.resume:
+            if ckpt_dir is not None and list_checkpoints(ckpt_dir):
+                # A fresh run must not mix its checkpoints with an older run's.
+                old = list_checkpoints(ckpt_dir)
+                self.say(f"removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir} "
+                         "(--resume continues a run)")
+                for p in old:
+                    shutil.rmtree(p, ignore_errors=True)
+            return 0
         if ckpt_dir is None:
             raise Llama2Error("--resume needs a checkpoint folder")
         path, params, opt_state, state = load_checkpoint(ckpt_dir)
-        for k, v in fingerprint.items():
-            if state["fingerprint"].get(k) != v:
-                raise Llama2Error(
-                    f"--resume: {path} was made with {k}={state['fingerprint'].get(k)!r}, "
-                    f"this run has {k}={v!r}"
-                )
-        want = {k: v.shape for k, v in tree_flatten(model.trainable_parameters())}
-        if set(params) != set(want) or any(params[k].shape != want[k] for k in want):
-            odd = sorted(set(params) ^ set(want)) or [k for k in want if params[k].shape != want[k]]
-            raise Llama2Error(f"--resume: {path} does not match this model's trainable "
-                              f"parameters (first difference: {odd[0]})")
-        model.load_weights(list(params.items()), strict=False)
-        _restore_optimizer(optimizer, model, opt_state)
+        self._check_checkpoint(path, params, state)
+        self.model.load_weights(list(params.items()), strict=False)
+        _restore_optimizer(self.optimizer, self.model, opt_state)
         start = state["step"]
         result.train_losses = [tuple(x) for x in state.get("train_losses", [])]
         result.learning_rates = [tuple(x) for x in state.get("learning_rates", [])]
         result.val_losses = [tuple(x) for x in state.get("val_losses", [])]
         result.resumed_from, result.last_checkpoint, result.steps = start, path, start
-    elif ckpt_dir is not None and list_checkpoints(ckpt_dir):
-        # A fresh run must not mix its checkpoints with an older run's.
-        old = list_checkpoints(ckpt_dir)
-        say(f"removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir} "
-            "(--resume continues a run)")
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        return start
 
-    if config.grad_checkpoint and any(
-        isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()
-    ):
-        # The backward pass recomputes each block and would draw other dropout masks.
-        raise Llama2Error("--grad-checkpoint cannot be combined with dropout > 0")
-    set_grad_checkpoint(model, config.grad_checkpoint)
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    def _check_checkpoint(self, path: Path, params: dict, state: dict) -> None:
+        """Refuse a checkpoint of other settings or of other trainable parameters."""
+        for k, v in self.fingerprint.items():
+            if state["fingerprint"].get(k) != v:
+                raise Llama2Error(
+                    f"--resume: {path} was made with {k}={state['fingerprint'].get(k)!r}, "
+                    f"this run has {k}={v!r}"
+                )
+        want = {k: v.shape for k, v in tree_flatten(self.model.trainable_parameters())}
+        if set(params) != set(want) or any(params[k].shape != want[k] for k in want):
+            odd = sorted(set(params) ^ set(want)) or [k for k in want if params[k].shape != want[k]]
+            raise Llama2Error(f"--resume: {path} does not match this model's trainable "
+                              f"parameters (first difference: {odd[0]})")
 
-    def validate(step: int, bar: ProgressBar) -> None:
-        if val_batches is None:
+    # ------------------------------------------------------------------ the loop
+
+    def loop(self) -> TrainResult:
+        """Train from ``start`` to the last step (or until ``on_step`` stops the run)."""
+        config, result, total = self.config, self.result, self.total_steps
+        self.model.train()
+        mx.reset_peak_memory()
+        columns = ("loss {loss}", "lr {lr}", "{tps} tok/s", "peak {mem} GB")
+        with ProgressBar(config.description, total, columns, completed=self.start,
+                         enabled=config.progress) as bar:
+            if self.start == 0 and config.val_every > 0 and config.val_at_start:
+                self._validate(0, bar)
+            tic = time.perf_counter()
+            for step in range(self.start, total):
+                loss, lr, norm, tokens = self._step(step)
+                done, elapsed = step + 1, time.perf_counter() - tic
+                self._record(done, loss, lr, tokens, elapsed)
+                bar.update(done, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                           tps=f"{tokens / elapsed if elapsed else 0:,.0f}",
+                           mem=f"{peak_memory_gb():.2f}")
+                if config.val_every > 0 and (done % config.val_every == 0 or done == total):
+                    self._validate(done, bar)
+                stop = self._stop_requested(done, {"loss": loss, "lr": lr, "grad_norm": norm,
+                                                   "tokens": tokens})
+                if done == total or (config.save_every > 0 and done % config.save_every == 0):
+                    self._checkpoint(done)
+                if stop:
+                    result.stopped = True
+                    break
+                tic = time.perf_counter()
+        result.peak_memory_gb = peak_memory_gb()
+        resumed = f" (resumed at step {self.start} of {total})" if config.resume else ""
+        self.say(
+            f"trained {result.steps - self.start} steps{resumed} in {result.seconds:.1f}s, "
+            f"{result.tokens_per_sec:,.0f} tokens/s, peak memory {result.peak_memory_gb:.2f} GB"
+        )
+        return result
+
+    def _micro_batch(self, m: int):
+        """Micro-batch ``m`` of the run: batch ``m % per_epoch`` of epoch ``m // per_epoch``."""
+        e = m // self.per_epoch
+        if e not in self.epoch_cache:
+            self.epoch_cache.clear()
+            self.epoch_cache[e] = self.train_batches(e)
+            if len(self.epoch_cache[e]) != self.per_epoch:
+                raise Llama2Error(f"epoch {e} has {len(self.epoch_cache[e])} batches, "
+                                  f"not {self.per_epoch}")
+        return self.epoch_cache[e][m % self.per_epoch]
+
+    def _gradients(self, step: int):
+        """(gradients, loss, tokens) of a step: summed over its micro-batches, the
+        gradients and loss divided by the number of items they sum over."""
+        ga = self.config.grad_accum
+        grads, loss_sum, count, tokens = None, mx.array(0.0), mx.array(0), 0
+        for m in range(step * ga, min((step + 1) * ga, self.total_micro)):
+            batch = self._micro_batch(m)
+            mx.random.seed(self.config.seed * 1_000_003 + m)  # dropout: same on resume
+            (s, n), g = self.loss_and_grad(self.model, batch)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_sum, count = loss_sum + s.astype(mx.float32), count + n
+            mx.eval(grads, loss_sum, count)
+            tokens += int(getattr(batch, "num_tokens", 0) or int(n))
+        n_items = max(int(count.item()), 1)
+        return tree_map(lambda g: g / n_items, grads), loss_sum.item() / n_items, tokens
+
+    def _step(self, step: int) -> tuple[float, float, float, int]:
+        """One optimizer update; (loss, learning rate, gradient norm, tokens) of the step.
+        A non-finite loss or norm raises before the update."""
+        grads, loss, tokens = self._gradients(step)
+        if self.config.clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, self.config.clip)
+        else:
+            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
+        norm = norm.item()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            kept = self.result.last_checkpoint or "none (no checkpoint was written yet)"
+            raise Llama2Error(
+                f"training diverged at step {step + 1}: {what}; stopped before the update, "
+                f"last good checkpoint: {kept}"
+            )
+        lr = self.schedule(step).item()
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return loss, lr, norm, tokens
+
+    def _record(self, done: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        r = self.result
+        r.seconds += seconds
+        r.tokens += tokens
+        r.steps = done
+        r.train_losses.append((done, loss))
+        r.learning_rates.append((done, lr))
+
+    def _validate(self, step: int, bar: ProgressBar) -> None:
+        if self.val_batches is None:
             return
         tic = time.perf_counter()
-        loss, n = evaluate(model, loss_fn, val_batches(), config.val_batches)
-        result.val_losses.append((step, loss))
+        loss, n = evaluate(self.model, self.loss_fn, self.val_batches(), self.config.val_batches)
+        self.result.val_losses.append((step, loss))
         bar.log(f"step {step}: val loss {loss:.4f} ({n} targets, {time.perf_counter() - tic:.1f}s)")
 
-    def checkpoint(step: int, bar: ProgressBar) -> None:
-        if ckpt_dir is not None:
+    def _stop_requested(self, step: int, metrics: dict) -> bool:
+        """Call ``on_step``; whether it asked to stop (raised ``StopTraining``)."""
+        if self.on_step is None:
+            return False
+        try:
+            self.on_step(step, metrics)
+        except StopTraining:
+            return True
+        return False
+
+    def _checkpoint(self, step: int) -> None:
+        """Save a checkpoint (with a checkpoint folder) and call ``on_save``."""
+        if self.ckpt_dir is not None:
+            ga, per_epoch, result = self.config.grad_accum, self.per_epoch, self.result
             state = {
-                "fingerprint": fingerprint, "micro_batch": step * ga,
+                "fingerprint": self.fingerprint, "micro_batch": step * ga,
                 "epoch": (step * ga) // per_epoch, "batch_in_epoch": (step * ga) % per_epoch,
-                "seed": config.seed, "train_losses": result.train_losses,
+                "seed": self.config.seed, "train_losses": result.train_losses,
                 "learning_rates": result.learning_rates, "val_losses": result.val_losses,
             }
-            params = dict(tree_flatten(model.trainable_parameters()))
+            params = dict(tree_flatten(self.model.trainable_parameters()))
             result.last_checkpoint = save_checkpoint(
-                ckpt_dir, step, params, optimizer.state, state, config.keep_checkpoints
+                self.ckpt_dir, step, params, self.optimizer.state, state,
+                self.config.keep_checkpoints,
             )
-        if on_save is not None:
-            on_save(model, step)
-
-    model.train()
-    epoch_cache: dict[int, Sequence] = {}
-
-    def micro_batch(m: int):
-        e = m // per_epoch
-        if e not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[e] = train_batches(e)
-            if len(epoch_cache[e]) != per_epoch:
-                raise Llama2Error(f"epoch {e} has {len(epoch_cache[e])} batches, not {per_epoch}")
-        return epoch_cache[e][m % per_epoch]
-
-    mx.reset_peak_memory()
-    columns = ("loss {loss}", "lr {lr}", "{tps} tok/s", "peak {mem} GB")
-    with ProgressBar(config.description, total_steps, columns, completed=start,
-                     enabled=config.progress) as bar:
-        if start == 0 and config.val_every > 0 and config.val_at_start:
-            validate(0, bar)
-        tic = time.perf_counter()
-        for step in range(start, total_steps):
-            grads, loss_sum, count, tokens = None, mx.array(0.0), mx.array(0), 0
-            for m in range(step * ga, min((step + 1) * ga, total_micro)):
-                batch = micro_batch(m)
-                mx.random.seed(config.seed * 1_000_003 + m)  # dropout: same on resume
-                (s, n), g = loss_and_grad(model, batch)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum, count = loss_sum + s.astype(mx.float32), count + n
-                mx.eval(grads, loss_sum, count)
-                tokens += int(getattr(batch, "num_tokens", 0) or int(n))
-            n_items = max(int(count.item()), 1)
-            loss = loss_sum.item() / n_items
-            grads = tree_map(lambda g: g / n_items, grads)
-            if config.clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, config.clip)
-            else:
-                norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-            norm = norm.item()
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
-                kept = result.last_checkpoint or "none (no checkpoint was written yet)"
-                raise Llama2Error(
-                    f"training diverged at step {step + 1}: {what}; stopped before the update, "
-                    f"last good checkpoint: {kept}"
-                )
-            lr = schedule(step).item()
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
-            done = step + 1
-            elapsed = time.perf_counter() - tic
-            result.seconds += elapsed
-            result.tokens += tokens
-            result.steps = done
-            result.train_losses.append((done, loss))
-            result.learning_rates.append((done, lr))
-            bar.update(done, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                       tps=f"{tokens / elapsed if elapsed else 0:,.0f}",
-                       mem=f"{peak_memory_gb():.2f}")
-            if val_batches is not None and config.val_every > 0 and (
-                done % config.val_every == 0 or done == total_steps
-            ):
-                validate(done, bar)
-            stop = False
-            if on_step is not None:
-                try:
-                    on_step(done, {"loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens})
-                except StopTraining:
-                    stop = True
-            if done == total_steps or (config.save_every > 0 and done % config.save_every == 0):
-                checkpoint(done, bar)
-            if stop:
-                result.stopped = True
-                break
-            tic = time.perf_counter()
-    result.peak_memory_gb = peak_memory_gb()
-    resumed = f" (resumed at step {start} of {total_steps})" if config.resume else ""
-    say(
-        f"trained {result.steps - start} steps{resumed} in {result.seconds:.1f}s, "
-        f"{result.tokens_per_sec:,.0f} tokens/s, peak memory {result.peak_memory_gb:.2f} GB"
-    )
-    return result
+        if self.on_save is not None:
+            self.on_save(self.model, step)

@@ -1,0 +1,236 @@
+"""The rejection-sampling loop (Touvron et al. 2023, §3.2.3): sample -> score -> fine-tune.
+
+``rs_loop`` repeats ``rejection.rejection_sample`` and a LoRA fine-tune; each iteration
+fine-tunes the starting policy on the winners of *all* iterations so far (the paper
+found that training on the last iteration's winners alone regressed). A run's folder
+records its settings and one summary line per iteration, so it can be resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+from llama2_mlx.chat.records import read_prompts
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
+from llama2_mlx.io.progress import log_stderr
+from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.rlhf.rejection import (
+    RSConfig,
+    greedy_rewards,
+    load_models,
+    rejection_sample,
+    write_report,
+)
+from llama2_mlx.rlhf.reward_model import RewardModel
+
+if TYPE_CHECKING:
+    from llama2_mlx.training.sft import SFTOptions
+
+
+def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
+             lora_config=None, log: Callable[[str], None] = log_stderr):
+    """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with
+    ``sft.lora_train`` (``opts``: an ``sft.SFTOptions``; its data files, adapter path and
+    resume are replaced); adapters the policy already has (``lora_config`` describes them)
+    are trained further, else new ones are added. The adapters are written to
+    ``adapter_path``. Returns the trainer's result."""
+    from llama2_mlx.training.sft import lora_train
+
+    opts = dataclasses.replace(opts, data=None, train=str(train_file), valid=None, test=None,
+                               adapter_path=str(adapter_path), resume=False)
+    return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
+                      description="rs fine-tune").train
+
+
+@dataclass
+class RSLoopConfig:
+    """``iterations`` of rejection sampling (``rs``) then fine-tuning (``sft``: an
+    ``sft.SFTOptions``; its data and adapter path are set per iteration). The mean greedy
+    reward is measured on ``eval_prompts`` (default: the sampling prompts) with answers of
+    up to ``greedy_max_tokens`` (default: the sampling max-tokens)."""
+
+    iterations: int = 1
+    rs: RSConfig = field(default_factory=RSConfig)
+    sft: Optional["SFTOptions"] = None
+    greedy_max_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        from llama2_mlx.training.sft import SFTOptions
+
+        if self.sft is None:
+            self.sft = SFTOptions(lr=1e-4, epochs=1, progress=True)
+        if self.iterations < 1:
+            raise Llama2Error(f"--iterations must be at least 1 (got {self.iterations})")
+
+
+@dataclass
+class IterationSummary:
+    """One line of ``summary.jsonl``: the winners' mean best and median reward (sampled
+    from the previous iteration's policy) and the new policy's mean greedy reward."""
+
+    iteration: int
+    mean_greedy_reward: float
+    mean_best_reward: Optional[float] = None
+    mean_median_reward: Optional[float] = None
+    pool_size: int = 0
+    adapter_path: Optional[str] = None
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        if self.iteration == 0:
+            return f"iteration 0 (start): mean greedy reward {self.mean_greedy_reward:.4f}"
+        return (f"iteration {self.iteration}: mean best reward {self.mean_best_reward:.4f}, "
+                f"median {self.mean_median_reward:.4f}, mean greedy reward "
+                f"{self.mean_greedy_reward:.4f} (pool {self.pool_size}, {self.seconds:.1f}s)")
+
+
+SETTINGS_FILE = "rs_loop.json"
+SUMMARY_FILE = "summary.jsonl"
+# SFTOptions fields that rs-loop sets itself or that do not change the results.
+_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress")
+
+
+def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
+    """What a resumed run must share with the run it continues (all but the iteration count)."""
+    import hashlib
+
+    def digest(x) -> str:
+        return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
+
+    sft = {k: v for k, v in dataclasses.asdict(config.sft).items() if k not in _NOT_SETTINGS}
+    return json.loads(json.dumps({
+        "k": config.rs.k, "generation": dataclasses.asdict(config.rs.generation),
+        "score_batch_size": config.rs.score_batch_size, "sft": sft,
+        "greedy_max_tokens": config.greedy_max_tokens,
+        "prompts": digest(prompts), "eval_prompts": digest(eval_prompts)}))
+
+
+def _differences(old, new, where=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _differences(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+    elif old != new:
+        yield f"{where} was {json.dumps(old)}, now {json.dumps(new)}"
+
+
+def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[dict]]:
+    """The finished iterations of the run in ``out`` and its pool of winners."""
+    f = out / SETTINGS_FILE
+    if not f.exists() or not (out / SUMMARY_FILE).exists():
+        raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
+    diff = list(_differences(json.loads(f.read_text()), settings))
+    if diff:
+        raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
+                          "use the same options, or a new --out")
+    summaries = [IterationSummary(**rec) for _, rec in read_jsonl(out / SUMMARY_FILE)]
+    if [s.iteration for s in summaries] != list(range(len(summaries))):
+        raise Llama2Error(f"--resume: {out / SUMMARY_FILE} is not a run of iterations 0, 1, ...")
+    pool: list[dict] = []
+    last = len(summaries) - 1
+    if last >= 1:
+        d = out / f"iter_{last:02d}"
+        if not (d / "adapters" / "adapter_config.json").exists():
+            raise Llama2Error(f"--resume: {d / 'adapters'} is missing (iteration {last})")
+        pool = [rec for _, rec in read_jsonl(d / "train.jsonl")]
+    return summaries, pool
+
+
+def rs_loop(
+    load_policy: Callable[..., tuple], rm: RewardModel, rm_tokenizer,
+    prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
+    eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
+    resume: bool = False, log: Callable[[str], None] = log_stderr,
+) -> list[IterationSummary]:
+    """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
+
+    ``load_policy()`` returns a fresh ``(model, tokenizer)`` of the starting policy
+    (``lora_config`` describes its adapters, if it has some); ``load_policy(path)`` the
+    same base with the adapters in ``path`` instead. Iteration i samples with the
+    policy of iteration i-1, adds its winners to the pool, fine-tunes a fresh
+    starting policy on the whole pool and measures its mean greedy reward. Under
+    ``out_dir/iter_NN/`` it writes ``samples.jsonl`` (all K), ``winners.jsonl``,
+    ``train.jsonl`` (the pool) and ``adapters/``; ``summary.jsonl`` gets one line per
+    iteration, iteration 0 being the starting policy. ``resume`` continues the run in
+    ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
+    grow), with the same results as a run that was never stopped.
+    """
+    config = config or RSLoopConfig()
+    config.rs.check()
+    out = Path(out_dir)
+    eval_prompts = list(eval_prompts) if eval_prompts is not None else list(prompts)
+    settings = _settings(config, list(prompts), eval_prompts)
+    if resume:
+        summaries, pool = _resumed(out, settings)
+    elif (out / SUMMARY_FILE).exists():
+        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
+                          "to continue it, or choose another --out")
+    else:
+        summaries, pool = [], []
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / SETTINGS_FILE, settings)
+    greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
+
+    def record(s: IterationSummary) -> None:
+        summaries.append(s)
+        write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
+        log(s.line())
+
+    def greedy(p) -> float:
+        r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens)
+        return float(sum(r) / len(r))
+
+    done = len(summaries) - 1
+    if done < 1:
+        policy, tokenizer = load_policy()
+    else:
+        policy, tokenizer = load_policy(out / f"iter_{done:02d}" / "adapters")
+        log(f"resuming {out} after iteration {done} (pool {len(pool)})")
+    if done < 0:
+        record(IterationSummary(0, greedy(policy)))
+    base_seed = config.rs.generation.seed if config.rs.generation.seed is not None else 0
+    for it in range(max(done, 0) + 1, config.iterations + 1):
+        tic = time.perf_counter()
+        d = out / f"iter_{it:02d}"
+        rs = dataclasses.replace(config.rs, generation=dataclasses.replace(
+            config.rs.generation, seed=base_seed + it))
+        report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, rs,
+                                  progress=config.sft.progress)
+        log(f"iteration {it}: {report.summary()}")
+        write_report(report, d / "winners.jsonl", d / "samples.jsonl")
+        pool += [r.winner_record() for r in report.results]
+        write_jsonl_atomic(d / "train.jsonl", pool)
+        del policy
+        policy, tokenizer = load_policy()
+        sft = dataclasses.replace(config.sft, seed=config.sft.seed + it)
+        finetune(policy, tokenizer, d / "train.jsonl", d / "adapters", sft,
+                 lora_config=lora_config, log=log)
+        record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,
+                                len(pool), str(d / "adapters"), time.perf_counter() - tic))
+    return summaries
+
+
+# --------------------------------------------------------------------------- from files
+
+
+def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
+                  *, adapter_path=None, eval_prompts_file=None, dtype=None, resume: bool = False,
+                  log: Callable[[str], None] = log_stderr) -> list[IterationSummary]:
+    """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
+    folder and prompt files."""
+    config = config or RSLoopConfig()
+    config.rs.check()
+    prompts = read_prompts(prompts_file)
+    eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
+    base, lora_config, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
+
+    def load_policy(adapters=None):
+        return base.policy(adapters if adapters is not None else adapter_path)
+
+    return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
+                   eval_prompts=eval_prompts, lora_config=lora_config, resume=resume, log=log)
