@@ -13,7 +13,7 @@ very tokens ``lora-train`` learns from when the answer becomes a gold answer.
 Layout: ``reward_data`` reads and encodes the preference pairs and batches them,
 ``reward_model`` holds the model, loss, metrics, scoring and save / load, and this
 module trains and evaluates reward models (and the ``reward-*`` commands' file
-helpers). Every public name of the three is importable from here.
+helpers); the pair data and the model itself live in reward_data.py and reward_model.py.
 """
 
 from __future__ import annotations
