@@ -260,7 +260,7 @@ def _slot_offsets(path: str, symbol: str) -> list[int]:
 
         sections = [section(i) for i in range(shnum)]
         dynsym = next((i for i, s in enumerate(sections) if s[0] == 11), None)  # SHT_DYNSYM
-        if dynsym is None:
+        if dynsym is None or not sections[dynsym][4]:
             return []
         _, off, size, strtab, ent = sections[dynsym]
         syms = read(off, size)
@@ -283,6 +283,14 @@ def _slot_offsets(path: str, symbol: str) -> list[int]:
         return slots
 
 
+def _mlx_dir() -> str:
+    """The folder of the imported mlx package (libmlx.so is in its lib/), "/" if unknown."""
+    path = os.path.realpath(getattr(sys.modules.get("mlx.core"), "__file__", None) or "/")
+    while os.path.basename(path) != "mlx" and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def resolved_sgemm() -> tuple[Optional[str], str]:
     """The file MLX's bound ``cblas_sgemm`` lives in, read from the relocation slot of the
     loaded mlx library that calls it: (path, "") or (None, why it could not be told)."""
@@ -291,7 +299,7 @@ def resolved_sgemm() -> tuple[Optional[str], str]:
         return None, "mlx is not imported yet"
     if not sys.platform.startswith("linux"):
         return None, "the check reads ELF relocations (Linux only)"
-    mlx_dir = os.path.dirname(os.path.realpath(getattr(core, "__file__", "") or "."))
+    mlx_dir = _mlx_dir()
     try:
         for path, bias in _loaded_objects():
             # libmlx.so (wheel) or the extension itself (a static build).
@@ -318,8 +326,7 @@ def _name_of(path: str) -> str:
     if config:
         return config
     # The wheel's own copy sits beside mlx (site-packages/mlx_cpu.libs/libblas-<hash>.so.3...).
-    core = sys.modules.get("mlx.core")
-    site = os.path.dirname(os.path.dirname(os.path.realpath(getattr(core, "__file__", "") or "/")))
+    site = os.path.dirname(_mlx_dir())
     real = os.path.realpath(path)
     if real.startswith(site + os.sep) and os.path.basename(real).startswith("libblas"):
         return REFERENCE
@@ -358,7 +365,7 @@ def environment() -> dict[str, str]:
     from importlib import metadata
 
     setup()
-    import mlx.core as mx  # noqa: F401  (the one place this module imports mlx, at call time)
+    import mlx.core as mx  # the one place this module imports mlx: at call time, after setup()
 
     try:
         version = metadata.version("llama2-mlx")
