@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
+from llama2_mlx import blas  # first: the BLAS is chosen before mlx loads (llama2_mlx/blas.py)
 
-from llama2_mlx.generation.generate import generate_step
-from llama2_mlx.models.model import ModelArgs, Transformer, num_params
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from llama2_mlx.generation.generate import generate_step  # noqa: E402
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params  # noqa: E402
 
 
 def build_models(args):
@@ -71,7 +73,8 @@ def run_once(steps, model, prompt, n):
     }
 
 
-def main():
+def parse_args(argv=None):
+    """The model and run options (bench_blas.py passes them on to its runs)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
@@ -83,7 +86,11 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
 
     ours, theirs = build_models(args)
     prompt = mx.array(np.random.RandomState(0).randint(3, args.vocab, args.prompt_tokens))
@@ -91,6 +98,7 @@ def main():
           f"{args.heads} heads / {args.kv_heads} KV heads, {args.dtype}, "
           f"{mx.default_device()}; prompt {args.prompt_tokens}, generate {args.gen_tokens}, "
           f"median of {args.repeats}")
+    print(f"BLAS: {blas.describe()}")
 
     engines = {"llama2-mlx": (ours_steps, ours), "mlx-lm": (mlx_lm_steps, theirs)}
     for steps, model in engines.values():  # warm-up (kernels, allocator)

@@ -22,18 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama2_mlx.checkpoints.export import save_model
-from llama2_mlx.checkpoints.load import load_model
-from llama2_mlx.models.lora import LoRAConfig, apply_lora
-from llama2_mlx.models.model import ModelArgs, Transformer, num_params
-from llama2_mlx.training.data import Sample, SFTBatches
-from llama2_mlx.training.sft import sft_loss
-from llama2_mlx.training.trainer import TrainConfig, train
+from llama2_mlx import blas  # noqa: E402  (first: the BLAS is chosen before mlx loads)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llama2_mlx.checkpoints.export import save_model  # noqa: E402
+from llama2_mlx.checkpoints.load import load_model  # noqa: E402
+from llama2_mlx.models.lora import LoRAConfig, apply_lora  # noqa: E402
+from llama2_mlx.models.model import ModelArgs, Transformer, num_params  # noqa: E402
+from llama2_mlx.training.data import Sample, SFTBatches  # noqa: E402
+from llama2_mlx.training.sft import sft_loss  # noqa: E402
+from llama2_mlx.training.trainer import TrainConfig, train  # noqa: E402
 
 
 def make_data(path: Path, n: int, vocab: int, seed: int, prompt: tuple, answer: tuple) -> None:
@@ -154,7 +156,8 @@ def main() -> None:
           f"of every layer; batch {args.batch_size}, max length {args.max_seq_length}.")
     print(f"Data: {len(data)} samples, {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}), "
           "answer-only loss. Ours: one epoch after a 2-step warm-up; mlx-lm: two epochs in one run, "
-          "the second (all shapes compiled) is the reference.\n")
+          "the second (all shapes compiled) is the reference.")
+    print(f"BLAS: {blas.describe()}\n")
     print("| run | steps | useful tokens | non-pad share | seconds | useful tok/s | all tok/s | peak GB | vs mlx-lm |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = runs.get("mlx-lm")  # the warm epoch

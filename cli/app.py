@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-import typer
+# Before any command module (or anything else) imports mlx: pick the BLAS (llama2_mlx/blas.py).
+from llama2_mlx.blas import setup as _setup_blas
+
+_setup_blas()
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="llama2",
@@ -15,9 +20,27 @@ app = typer.Typer(
 )
 
 # Each module defines register(app) and owns its commands.
-COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.demo"]
+COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.demo",
+                   "cli.env"]
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from llama2_mlx.blas import environment
+
+        info = environment()
+        typer.echo(f"llama2-mlx {info['llama2-mlx']} (mlx {info['mlx']}, BLAS: {info['BLAS']})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Show the version, mlx's and the BLAS in use, and exit."),
+) -> None:
+    pass
 
 
 def main() -> None:

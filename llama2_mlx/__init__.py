@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import importlib
 
+# First of all, before anything imports mlx: an optimized BLAS for MLX's CPU
+# matmuls on Linux (it only takes effect if loaded before mlx.core; see blas.py).
+from llama2_mlx import blas
+
+blas.setup()
+
 # name -> module that defines it
 _API = {
     "Llama2Error": "llama2_mlx.errors",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import llama2_mlx  # noqa: F401  (first: it picks the BLAS, which must happen before mlx loads)
 import mlx.core as mx
 import pytest
 
