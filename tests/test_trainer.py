@@ -284,3 +284,14 @@ def test_a_refused_run_leaves_an_earlier_runs_checkpoints(tmp_path):
     with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
         train(lora_model(dropout=0.1), sft_loss, b, cfg)
     assert before and list_checkpoints(tmp_path / "ckpt") == before
+
+
+def test_resume_into_other_trainable_parameters_names_the_file_and_tensor(tmp_path):
+    run(tmp_path, iters=2)
+    model = apply_lora(make_model(), LoRAConfig(rank=8))  # rank 4 was saved
+    b = SFTBatches(random_samples(24), 2, 40, pack=True, seed=0)
+    cfg = TrainConfig(lr=3e-3, warmup=1, iters=2, save_every=2, val_every=0, progress=False,
+                      checkpoint_dir=tmp_path / "ckpt", resume=True, seed=5)
+    with pytest.raises(Llama2Error, match=r"step_0000002/params.safetensors: tensor \S+lora_a "
+                                          r"has shape \(\d+, 4\), the model expects \(\d+, 8\)"):
+        train(model, sft_loss, b, cfg)

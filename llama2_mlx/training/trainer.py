@@ -28,9 +28,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
 from llama2_mlx.models.model import eval_mode
 from llama2_mlx.training.checkpoint import (
+    PARAMS_FILE,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -283,11 +285,8 @@ class _Run:
                     f"--resume: {path} was made with {k}={state['fingerprint'].get(k)!r}, "
                     f"this run has {k}={v!r}"
                 )
-        want = {k: v.shape for k, v in tree_flatten(self.model.trainable_parameters())}
-        if set(params) != set(want) or any(params[k].shape != want[k] for k in want):
-            odd = sorted(set(params) ^ set(want)) or [k for k in want if params[k].shape != want[k]]
-            raise Llama2Error(f"--resume: {path} does not match this model's trainable "
-                              f"parameters (first difference: {odd[0]})")
+        check_state_dict(params, parameter_shapes(self.model, trainable=True), path / PARAMS_FILE,
+                         what="this run's trainable parameters (--resume)")
 
     # ------------------------------------------------------------------ the loop
 
