@@ -13,6 +13,28 @@ from llama2_mlx.errors import Llama2Error
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+
+# The same format as a Jinja chat template, written into every exported model folder
+# (tokenizer_config.json, with "legacy": true) and GGUF file, so that transformers'
+# ``apply_chat_template``, mlx-lm and llama.cpp produce exactly ``encode_chat``'s ids:
+# each finished exchange is "<s>[INST] user [/INST] answer </s>", the system prompt is
+# folded into the first user turn, and every text segment is stripped as Meta strips it.
+# ("legacy" keeps SentencePiece's dummy-prefix space after <s>, as Meta's encoder has it.)
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
 ROLES = ("system", "user", "assistant")
 
 

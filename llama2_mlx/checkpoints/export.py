@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from llama2_mlx.chat.tokenizer import CHAT_TEMPLATE
 from llama2_mlx.checkpoints.load import load_folder
 from llama2_mlx.errors import Llama2Error, one_line
 from llama2_mlx.io.atomic import atomic_dir
@@ -62,7 +63,8 @@ def _dtype_name(weights: dict[str, mx.array]) -> str:
 
 
 def _hf_tokenizer_config(tokenizer_path: Path) -> dict:
-    """What transformers (hence mlx-lm) needs to read tokenizer.model as Llama 2 does: BOS on."""
+    """What transformers (hence mlx-lm) needs to read tokenizer.model as Llama 2 does: BOS on,
+    SentencePiece's leading space kept ("legacy"), and Meta's chat format as a template."""
     import sentencepiece as spm
 
     try:
@@ -79,6 +81,8 @@ def _hf_tokenizer_config(tokenizer_path: Path) -> dict:
         "bos_token": piece(sp.bos_id()),
         "eos_token": piece(sp.eos_id()),
         "unk_token": piece(sp.unk_id()),
+        "legacy": True,
+        "chat_template": CHAT_TEMPLATE,
     }
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from llama2_mlx.chat.tokenizer import CHAT_TEMPLATE
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.formats.weights import from_meta_rows, to_meta_rows, weight_table
 from llama2_mlx.io.atomic import atomic_file
@@ -80,6 +81,7 @@ def write_gguf(model, path, tokenizer_path, dtype: str = "f16") -> Path:
             w.add_unk_token_id(ids["unk"])
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
         params = dict(tree_flatten(model.parameters()))
         for t in weight_table(args.n_layers):
             a = params.pop(t.internal, None)
