@@ -80,13 +80,12 @@ def reward_train(
         paper_train_config,
         train_reward_model,
     )
-    from llama2_mlx.training.sft import resolve_keys
 
     train = paper_train_config(fine_tune_type.value, lr=lr, weight_decay=weight_decay, clip=clip,
                                grad_accum=grad_accum, epochs=epochs, iters=iters,
                                save_every=save_every, resume=resume, grad_checkpoint=grad_checkpoint,
                                seed=seed, progress=not no_progress)
-    lora = LoRAConfig(rank, scale, 0.0, resolve_keys(keys.split(",") if keys else None), num_layers)
+    lora = LoRAConfig(rank, scale, 0.0, keys or LoRAConfig.keys, num_layers)
     config = RewardTrainConfig(train, fine_tune_type.value, lora, batch_size, warmup=warmup,
                                eval_every=eval_every, max_seq_len=max_seq_len, margin=margin.value)
     result = train_reward_model(model, data, out, config, dtype=dtype_name(dtype), log=eprint)
