@@ -1,7 +1,9 @@
 """Options and their defaults are written once, in the library's dataclass fields.
 
-A ``lora-train`` config file maps onto the composed ``SFTOptions`` (``lora``, ``train``,
-``data``) by option name.
+The training commands' options are made from those fields (``cli.options.field_option``):
+their help is the field's and the default they show is the library's, which applies
+when they are not given. A ``lora-train`` config file maps onto the composed
+``SFTOptions`` (``lora``, ``train``, ``data``) by option name.
 """
 
 from __future__ import annotations
@@ -10,12 +12,57 @@ import dataclasses
 import json
 
 import pytest
+import typer
 
+from cli.app import app
+from cli.options import shown
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.models.lora import LoRAConfig
 from llama2_mlx.rlhf.rejection import RSLoopConfig
+from llama2_mlx.rlhf.reward import RewardTrainConfig
 from llama2_mlx.training.sft import OPTION_PARTS, DataConfig, SFTOptions
 from llama2_mlx.training.trainer import TrainConfig
+
+# Command -> the defaults it runs with, and its options named like one of their fields
+# that are something else.
+COMMANDS = {
+    "lora-train": (SFTOptions.resolve(), set()),
+    # The paper's learning rate depends on --fine-tune-type (paper_train_config).
+    "reward-train": (RewardTrainConfig(), {"lr"}),
+    # The policy's adapters (not the fine-tunes' output) and the loop's own --resume.
+    "rs-loop": (RSLoopConfig().sft, {"adapter_path", "resume"}),
+}
+
+
+def option_field(defaults, name):
+    """(instance, field) of the option ``name`` in ``defaults`` or its dataclass parts."""
+    parts = [defaults] + [getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+                          if dataclasses.is_dataclass(getattr(defaults, f.name))]
+    for part in parts:
+        for f in dataclasses.fields(part):
+            if f.name == name and "help" in f.metadata:
+                return part, f
+    return None
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_cli_shows_the_dataclass_fields_help_and_defaults(command):
+    defaults, others = COMMANDS[command]
+    checked = set()
+    for p in typer.main.get_command(app).commands[command].params:
+        found = option_field(defaults, p.name)
+        if found is None or p.name in others:
+            continue
+        part, f = found
+        assert p.default is None, (command, p.name)  # the library's default applies
+        assert p.help == f.metadata["help"], (command, p.name)
+        show = p.show_default if isinstance(p.show_default, str) else None
+        assert show == shown(getattr(part, p.name)), (command, p.name)
+        checked.add(p.name)
+    assert checked, command
+    if command == "lora-train":
+        # Every lora-train option is one of SFTOptions' (progress: config file only).
+        assert checked == set(OPTION_PARTS) - {"progress"}
 
 
 def test_the_composed_defaults_are_their_parts_defaults():
