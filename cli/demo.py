@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import cli_errors, eprint
+from cli.options import AdapterOpt, DemoModelOpt
 
 demo_app = typer.Typer(
     help="The walkthrough's helpers for the bundled demo model: new-skill data, preference "
@@ -89,8 +90,7 @@ def prompts(
 
 @cli_errors
 def eval_(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder or hub id (default: the bundled demo model).")] = None,
-    adapter_path: Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")] = None,
+    model: DemoModelOpt = None, adapter_path: AdapterOpt = None,
     skill: Annotated[Optional[str], typer.Option(help=f"New skill to score: {_SKILLS}.")] = None,
     task: Annotated[Optional[str], typer.Option(help=f"Bundled task to score: {_TASKS}.")] = None,
     n: Annotated[int, typer.Option(help="Distinct questions.")] = 64,

@@ -8,12 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import DType, cli_errors, dtype_name, eprint
+from cli.options import AdapterOpt, DemoModelOpt, DTypeOpt
 
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo model)."
-)]
-DTypeOpt = Annotated[Optional[DType], typer.Option(help="Compute dtype (default: checkpoint's).")]
-AdapterOpt = Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")]
 SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt (implies --chat).")]
 MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
 TempOpt = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
@@ -48,7 +44,7 @@ def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, sto
 @cli_errors
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
-    model: ModelOpt = None, system: SystemOpt = None,
+    model: DemoModelOpt = None, system: SystemOpt = None,
     chat: Annotated[bool, typer.Option("--chat", help="Apply the Llama 2 chat format.")] = False,
     max_tokens: MaxTokensOpt = 256, temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
     min_p: MinPOpt = 0.0, repetition_penalty: RepPenOpt = None, seed: SeedOpt = None,
@@ -74,7 +70,7 @@ def _read_turn() -> Optional[str]:
 
 @cli_errors
 def chat(
-    model: ModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 512,
+    model: DemoModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 512,
     temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0,
     repetition_penalty: RepPenOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = None,
     adapter_path: AdapterOpt = None, max_kv_size: KVOpt = None,

@@ -11,9 +11,35 @@ import typer
 from cli.common import DATA as _D
 from cli.common import LORA as _P
 from cli.common import TRAINING as _T
-from cli.common import DType, cli_errors, dtype_name, eprint, opt
+from cli.common import cli_errors, dtype_name, eprint, opt
+from cli.options import (
+    BATCH_SIZE,
+    CLIP,
+    EPOCHS,
+    GRAD_ACCUM,
+    GRAD_CHECKPOINT,
+    ITERS,
+    KEYS,
+    MAX_SEQ_LENGTH,
+    NUM_LAYERS,
+    RANK,
+    RESUME,
+    SAVE_EVERY,
+    SCALE,
+    SEED,
+    AdapterOpt,
+    DTypeOpt,
+    ModelOpt,
+    field_option,
+    given,
+)
+from llama2_mlx.rlhf.rejection import RSLoopConfig
+from llama2_mlx.rlhf.reward import RewardTrainConfig
 
 _S = "Sampling"
+# The commands' defaults, which their options show.
+_REWARD = RewardTrainConfig()
+_RS_SFT = RSLoopConfig().sft
 
 
 class Margin(str, Enum):
@@ -27,23 +53,13 @@ class FineTune(str, Enum):
     full = "full"
 
 
-ModelOpt = Annotated[str, opt("Base model folder or Hugging Face repo id.", _D, "--model", "-m")]
 RewardOpt = Annotated[str, opt("Reward model folder (written by reward-train).", _D, "--reward-model")]
-AdapterOpt = Annotated[Optional[str], opt("LoRA adapters of the policy.", _D, "--adapter-path")]
-DTypeOpt = Annotated[Optional[DType], opt("Compute dtype (default: the checkpoint's).", _D)]
 SeedOpt = Annotated[int, opt("Random seed.")]
 KOpt = Annotated[int, opt("Samples per prompt.", _S, "-k", "--k")]
 TempOpt = Annotated[float, opt("Sampling temperature (the paper: 1.2-1.3 for RLHF models).", _S)]
 TopPOpt = Annotated[float, opt("Nucleus sampling mass (1 = off).", _S)]
 TopKOpt = Annotated[int, opt("Sample among the k most likely tokens (0 = off).", _S)]
 MaxTokOpt = Annotated[int, opt("Most tokens per answer.", _S)]
-RankOpt = Annotated[int, opt("LoRA rank.", _P)]
-ScaleOpt = Annotated[float, opt("LoRA scale.", _P)]
-LayersOpt = Annotated[int, opt("Adapt the last N layers (-1: all).", _P)]
-KeysOpt = Annotated[Optional[str], opt("Comma-separated projections to adapt (q_proj,v_proj, attn, mlp) (default: all).", _P)]
-BatchOpt = Annotated[int, opt("Pairs (reward) or rows (fine-tune) per micro-batch.")]
-EpochsOpt = Annotated[Optional[float], opt("Epochs (default 1 unless --iters).")]
-ItersOpt = Annotated[Optional[int], opt("Optimizer steps (instead of --epochs).")]
 NoProgress = Annotated[bool, opt("Hide the progress bars.", _T, "--no-progress")]
 
 
@@ -57,38 +73,36 @@ def _gen(temp, top_p, top_k, max_tokens, seed):
 def reward_train(
     model: ModelOpt, data: Annotated[str, opt("Folder with train.jsonl (and valid.jsonl; else 5% is held out) or one JSONL file.", _D)],
     out: Annotated[str, opt("Output folder of the reward model.", _D)],
-    margin: Annotated[Margin, opt("Margin by rating (Table 27): small 1, 2/3, 1/3, 0; large 3, 2, 1, 0; none.", _D)] = Margin.small,
-    fine_tune_type: Annotated[FineTune, opt("lora (frozen base) or full (tiny models).", _P)] = FineTune.lora,
-    rank: RankOpt = 8, scale: ScaleOpt = 20.0, num_layers: LayersOpt = -1, keys: KeysOpt = None,
+    margin: Optional[Margin] = field_option(_REWARD, "margin", panel=_D),
+    fine_tune_type: Optional[FineTune] = field_option(_REWARD, "fine_tune_type", panel=_P),
+    rank: Optional[int] = RANK, scale: Optional[float] = SCALE,
+    num_layers: Optional[int] = NUM_LAYERS, keys: Optional[str] = KEYS,
+    # The paper's rate depends on --fine-tune-type (paper_train_config).
     lr: Annotated[Optional[float], opt("Peak learning rate (default: 1e-4 for LoRA, 1e-5 for full as in the paper).")] = None,
-    epochs: EpochsOpt = None, iters: ItersOpt = None, batch_size: BatchOpt = 8,
-    grad_accum: Annotated[int, opt("Micro-batches per optimizer step.")] = 1,
-    warmup: Annotated[Optional[int], opt("Warmup steps (default: 3% of the steps, at least 5).")] = None,
-    weight_decay: Annotated[float, opt("AdamW weight decay.")] = 0.1,
-    clip: Annotated[float, opt("Clip gradients at this global norm (0: off).")] = 1.0,
-    max_seq_len: Annotated[int, opt("Keep the last N tokens of longer sequences.", _D)] = 2048,
-    eval_every: Annotated[int, opt("Held-out metrics every N steps (0: at the end only).")] = 50,
-    save_every: Annotated[int, opt("Checkpoint every N steps (0: at the end only).")] = 100,
-    resume: Annotated[bool, opt("Continue from the newest checkpoint in OUT/checkpoints.", _T, "--resume")] = False,
-    grad_checkpoint: Annotated[bool, opt("Recompute activations in backward (less memory).", _T, "--grad-checkpoint")] = False,
-    seed: SeedOpt = 0, dtype: DTypeOpt = None, no_progress: NoProgress = False,
+    epochs: Optional[float] = EPOCHS, iters: Optional[int] = ITERS,
+    batch_size: Optional[int] = field_option(_REWARD, "batch_size", panel=_T),
+    grad_accum: Optional[int] = GRAD_ACCUM,
+    warmup: Optional[int] = field_option(_REWARD, "warmup", panel=_T),
+    weight_decay: Optional[float] = field_option(_REWARD.train, "weight_decay"),
+    clip: Optional[float] = CLIP,
+    max_seq_len: Optional[int] = field_option(_REWARD, "max_seq_len", panel=_D),
+    eval_every: Optional[int] = field_option(_REWARD, "eval_every", panel=_T),
+    save_every: Optional[int] = SAVE_EVERY, resume: Optional[bool] = RESUME,
+    grad_checkpoint: Optional[bool] = GRAD_CHECKPOINT,
+    seed: Optional[int] = SEED, dtype: DTypeOpt = None, no_progress: NoProgress = False,
 ) -> None:
     """Train a reward model on preference pairs (loss -log sigmoid(r_chosen - r_rejected - margin))."""
     from llama2_mlx.models.lora import LoRAConfig
-    from llama2_mlx.rlhf.reward import (
-        RewardTrainConfig,
-        paper_train_config,
-        train_reward_model,
-    )
-    from llama2_mlx.training.sft import resolve_keys
+    from llama2_mlx.rlhf.reward import paper_train_config, train_reward_model
 
-    train = paper_train_config(fine_tune_type.value, lr=lr, weight_decay=weight_decay, clip=clip,
-                               grad_accum=grad_accum, epochs=epochs, iters=iters,
-                               save_every=save_every, resume=resume, grad_checkpoint=grad_checkpoint,
-                               seed=seed, progress=not no_progress)
-    lora = LoRAConfig(rank, scale, 0.0, resolve_keys(keys.split(",") if keys else None), num_layers)
-    config = RewardTrainConfig(train, fine_tune_type.value, lora, batch_size, warmup=warmup,
-                               eval_every=eval_every, max_seq_len=max_seq_len, margin=margin.value)
+    lora = LoRAConfig(**given(rank=rank, scale=scale, num_layers=num_layers, keys=keys))
+    config = RewardTrainConfig(lora=lora, **given(
+        fine_tune_type=fine_tune_type, margin=margin, batch_size=batch_size, warmup=warmup,
+        eval_every=eval_every, max_seq_len=max_seq_len))
+    config.train = paper_train_config(
+        config.fine_tune_type, lr=lr, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
+        epochs=epochs, iters=iters, save_every=save_every, resume=resume,
+        grad_checkpoint=grad_checkpoint, seed=seed, progress=not no_progress)
     result = train_reward_model(model, data, out, config, dtype=dtype_name(dtype), log=eprint)
     typer.echo(f"held-out {result.final.summary()}")
     eprint(f"reward model written to {out}")
@@ -158,27 +172,27 @@ def rs_loop(
     k: KOpt = 4, temp: TempOpt = 1.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
     max_tokens: MaxTokOpt = 256,
     sft_config: Annotated[Optional[str], opt("YAML/JSON file of lora-train options for the fine-tunes.")] = None,
-    lr: Annotated[Optional[float], opt("Fine-tune peak learning rate (default: 1e-4).")] = None,
-    epochs: EpochsOpt = None, iters: ItersOpt = None,
-    batch_size: Annotated[Optional[int], opt("Fine-tune rows per micro-batch (default: 4).")] = None,
-    max_seq_length: Annotated[Optional[int], opt("Fine-tune row length in tokens (default: 2048).")] = None,
-    rank: Annotated[Optional[int], opt("LoRA rank of new adapters (default: 8).", _P)] = None,
-    seed: SeedOpt = 0, dtype: DTypeOpt = None, no_progress: NoProgress = False,
+    lr: Optional[float] = field_option(_RS_SFT.train, "lr"),
+    epochs: Optional[float] = EPOCHS, iters: Optional[int] = ITERS,
+    batch_size: Optional[int] = BATCH_SIZE, max_seq_length: Optional[int] = MAX_SEQ_LENGTH,
+    rank: Optional[int] = RANK, seed: Optional[int] = SEED, dtype: DTypeOpt = None,
+    no_progress: NoProgress = False,
     resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
     from llama2_mlx.rlhf.rejection import RSConfig
-    from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop_files
+    from llama2_mlx.rlhf.rs_loop import FINETUNE_DEFAULTS, RSLoopConfig, rs_loop_files
     from llama2_mlx.training.sft import SFTOptions
 
-    cli = dict(lr=lr if lr is not None or sft_config else 1e-4, epochs=epochs, iters=iters,
-               batch_size=batch_size, max_seq_length=max_seq_length, rank=rank, seed=seed,
-               progress=not no_progress)
-    sft = SFTOptions.resolve(cli, config_file=sft_config)
-    config = RSLoopConfig(iterations, RSConfig(k, _gen(temp, top_p, top_k, max_tokens, seed)), sft)
-    for s in rs_loop_files(model, reward_model, prompts, out, config, adapter_path=adapter_path,
-                           eval_prompts_file=eval_prompts, dtype=dtype_name(dtype), resume=resume,
-                           log=eprint):
+    # The fine-tune options are None unless given, so that --sft-config can set them.
+    cli = given(lr=lr, epochs=epochs, iters=iters, batch_size=batch_size,
+                max_seq_length=max_seq_length, rank=rank, seed=seed, progress=not no_progress)
+    sft = SFTOptions.resolve(cli, config_file=sft_config, defaults=FINETUNE_DEFAULTS)
+    # One seed for the run: sampling and the fine-tunes.
+    rs = RSConfig(k, _gen(temp, top_p, top_k, max_tokens, sft.train.seed))
+    for s in rs_loop_files(model, reward_model, prompts, out, RSLoopConfig(iterations, rs, sft),
+                           adapter_path=adapter_path, eval_prompts_file=eval_prompts,
+                           dtype=dtype_name(dtype), resume=resume, log=eprint):
         typer.echo(s.line())
 
 

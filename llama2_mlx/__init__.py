@@ -42,6 +42,8 @@ _API = {
     "batch_generate": "llama2_mlx.generation.generate",
     "sample_k": "llama2_mlx.generation.generate",
     "SFTOptions": "llama2_mlx.training.sft",
+    "DataConfig": "llama2_mlx.training.sft",
+    "TrainConfig": "llama2_mlx.training.trainer",
     "lora_train": "llama2_mlx.training.sft",
     "RewardModel": "llama2_mlx.rlhf.reward_model",
     "load_reward_model": "llama2_mlx.rlhf.reward_model",

@@ -28,6 +28,7 @@ from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate
 from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
 from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
+from llama2_mlx.models.lora import LoRAConfig
 from llama2_mlx.rlhf.reward import (
     RewardTrainConfig,
     fit_reward_model,
@@ -36,7 +37,7 @@ from llama2_mlx.rlhf.reward import (
 from llama2_mlx.rlhf.reward_data import PreferencePair, encode_pairs
 from llama2_mlx.rlhf.reward_model import load_reward_model, save_reward_model
 from llama2_mlx.training.data import SFTBatches, load_samples, tokenize_record
-from llama2_mlx.training.sft import SFTOptions, sft_loss
+from llama2_mlx.training.sft import DataConfig, SFTOptions, sft_loss
 from llama2_mlx.training.trainer import TrainConfig, train
 
 runner = CliRunner()
@@ -247,8 +248,8 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
     (tmp_path / "seed.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "completion": w}) + "\n" for p, w in task.rs[:4]))
     model, tok = load(task.policy_dir)
-    opts = SFTOptions(iters=1, batch_size=4, pack=False, max_seq_length=64, rank=2,
-                      save_every=0, progress=False)
+    opts = SFTOptions(lora=LoRAConfig(rank=2), train=TrainConfig(iters=1, save_every=0, progress=False),
+                      data=DataConfig(batch_size=4, pack=False, max_seq_length=64))
     finetune(model, tok, tmp_path / "seed.jsonl", tmp_path / "start", opts, log=lambda s: None)
     base, lora_config, rm, _ = load_models(task.policy_dir, tmp_path / "start", task.rm_dir, None,
                                            log=lambda s: None)
@@ -260,8 +261,8 @@ def test_rs_loop_pools_the_winners_of_all_iterations_and_continues_start_adapter
 
     prompts = [user(p) for p, _ in task.rs[:4]]
     config = RSLoopConfig(iterations=2, rs=rs_config(k=2),
-                          sft=SFTOptions(iters=1, batch_size=4, pack=False, max_seq_length=64,
-                                         save_every=0, progress=False))
+                          sft=SFTOptions(train=TrainConfig(iters=1, save_every=0, progress=False),
+                                         data=DataConfig(batch_size=4, pack=False, max_seq_length=64)))
     summaries = rs_loop(load_policy, rm, task.tok, prompts, tmp_path / "loop", config,
                         lora_config=lora_config, log=lambda s: None)
     assert [s.iteration for s in summaries] == [0, 1, 2]

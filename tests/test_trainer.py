@@ -176,16 +176,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_options_preset_config_file_and_command_line(tmp_path):
     o = SFTOptions.resolve(preset="llama2-sft")
-    assert (o.lr, o.weight_decay, o.max_seq_length, o.epochs, o.batch_size * o.grad_accum) == (2e-5, 0.1, 4096, 2, 64)
+    assert (o.train.lr, o.train.weight_decay, o.data.max_seq_length, o.train.epochs, o.data.batch_size * o.train.grad_accum) == (2e-5, 0.1, 4096, 2, 64)
     o = SFTOptions.resolve({"batch_size": 4}, preset="llama2-sft")
-    assert (o.batch_size, o.grad_accum) == (4, 16)
+    assert (o.data.batch_size, o.train.grad_accum) == (4, 16)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: llama2-sft\nrank: 16\nmax-seq-length: 512\niters: 10\nkeys: q_proj,v_proj\n")
     o = SFTOptions.resolve({"rank": 4, "pack": False}, config_file=cfg)
-    assert (o.rank, o.max_seq_length, o.iters, o.epochs, o.pack, o.lr) == (4, 512, 10, None, False, 2e-5)
-    assert o.keys == ["q_proj", "v_proj"]
+    assert (o.lora.rank, o.data.max_seq_length, o.train.iters, o.train.epochs, o.data.pack, o.train.lr) == (4, 512, 10, None, False, 2e-5)
+    assert o.lora.keys == ("self_attn.q_proj", "self_attn.v_proj")  # q_proj,v_proj
     o = SFTOptions.resolve({"epochs": 1}, config_file=cfg)
-    assert (o.iters, o.epochs) == (None, 1.0)
+    assert (o.train.iters, o.train.epochs) == (None, 1.0)
     (tmp_path / "bad.json").write_text('{"rnak": 4}')
     with pytest.raises(Llama2Error, match=r"bad.json: unknown option 'rnak'"):
         SFTOptions.resolve(config_file=tmp_path / "bad.json")

@@ -11,7 +11,7 @@ equal to the base. Adapter folders are interchangeable with mlx-lm's:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,19 +32,38 @@ DEFAULT_KEYS = (
 )
 
 
+def resolve_keys(keys) -> tuple[str, ...]:
+    """Block-relative projection names for ``keys`` (names, or one comma-separated
+    string): a short name means its projection (``q_proj`` is ``self_attn.q_proj``),
+    ``attn``/``attention``, ``mlp`` and ``all`` their groups; other names stay as given."""
+    if isinstance(keys, str):
+        keys = [k.strip() for k in keys.split(",")]
+    short = {k.rsplit(".", 1)[-1]: k for k in DEFAULT_KEYS}
+    groups = {"all": DEFAULT_KEYS, "attn": DEFAULT_KEYS[:4], "attention": DEFAULT_KEYS[:4],
+              "mlp": DEFAULT_KEYS[4:]}
+    out: list[str] = []
+    for k in keys:
+        out += groups.get(k, (short.get(k, k),))
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass
 class LoRAConfig:
-    """Rank, scale, dropout, the adapted projections (relative to a block) and how many
-    final blocks to adapt (-1: all)."""
+    """Rank, scale, dropout, the adapted projections (relative to a block; short names
+    and groups as in ``resolve_keys``) and how many final blocks to adapt (-1: all).
 
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    keys: tuple[str, ...] = DEFAULT_KEYS
-    num_layers: int = -1
+    A field's ``help`` is its ``lora-train`` option's help text."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    scale: float = field(default=20.0, metadata={"help": "LoRA scale."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    keys: tuple[str, ...] = field(default=DEFAULT_KEYS, metadata={
+        "help": "Comma-separated projections to adapt: q_proj,v_proj..., attn, mlp or all "
+                "(the default)."})
+    num_layers: int = field(default=-1, metadata={"help": "Adapt the last N layers (-1: all)."})
 
     def __post_init__(self):
-        self.keys = tuple(self.keys)
+        self.keys = resolve_keys(self.keys)
         if self.rank < 1:
             raise Llama2Error(f"--rank must be at least 1 (got {self.rank})")
         if not 0.0 <= self.dropout < 1.0:
@@ -211,11 +230,11 @@ def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
     params = cfg.get("lora_parameters") or {}
     try:
         config = LoRAConfig(
-            rank=int(params.get("rank", 8)),
+            rank=int(params.get("rank", LoRAConfig.rank)),
             scale=float(params["scale"]) if kind == "lora" else 1.0,
-            dropout=float(params.get("dropout", 0.0)),
+            dropout=float(params.get("dropout", LoRAConfig.dropout)),
             keys=tuple(params.get("keys") or DEFAULT_KEYS),
-            num_layers=int(cfg.get("num_layers", -1)),
+            num_layers=int(cfg.get("num_layers", LoRAConfig.num_layers)),
         )
     except KeyError as e:
         raise Llama2Error(f"{path}: lora_parameters has no {e}") from None

@@ -19,7 +19,7 @@ helpers); the pair data and the model itself live in reward_data.py and reward_m
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -72,17 +72,24 @@ class RewardTrainConfig:
     head trainable) or "full"; ``batch_size`` pairs per micro-batch; ``warmup`` None for
     the paper's 3% of the steps (at least 5); ``eval_every`` steps between held-out
     metrics (0: only at the end); ``max_seq_len`` keeps the last tokens of longer
-    sequences. ``train`` holds the optimizer, schedule, length and checkpoint settings."""
+    sequences. ``train`` holds the optimizer, schedule, length and checkpoint settings
+    (default: ``paper_train_config(fine_tune_type)``). A field's ``help`` is its
+    ``reward-train`` option's help text."""
 
     train: Optional["TrainConfig"] = None
-    fine_tune_type: str = "lora"
+    fine_tune_type: str = field(default="lora", metadata={
+        "help": "lora (frozen base) or full (tiny models)."})
     lora: Optional["LoRAConfig"] = None
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch."})
     eval_batch_size: int = 16
-    warmup: Optional[int] = None
-    eval_every: int = 50
-    max_seq_len: int = 2048
-    margin: str = "small"
+    warmup: Optional[int] = field(default=None, metadata={
+        "help": "Warmup steps (default: 3% of the steps, at least 5)."})
+    eval_every: int = field(default=50, metadata={
+        "help": "Held-out metrics every N steps (0: at the end only)."})
+    max_seq_len: int = field(default=2048, metadata={
+        "help": "Keep the last N tokens of longer sequences."})
+    margin: str = field(default="small", metadata={
+        "help": "Margin by rating (Table 27): small 1, 2/3, 1/3, 0; large 3, 2, 1, 0; none."})
 
     def __post_init__(self):
         from llama2_mlx.models.lora import LoRAConfig

@@ -42,18 +42,23 @@ def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
     ``adapter_path``. Returns the trainer's result."""
     from llama2_mlx.training.sft import lora_train
 
-    opts = dataclasses.replace(opts, data=None, train=str(train_file), valid=None, test=None,
-                               adapter_path=str(adapter_path), resume=False)
+    opts = opts.with_options(data=None, train=str(train_file), valid=None, test=None,
+                             adapter_path=str(adapter_path), resume=False)
     return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
                       description="rs fine-tune").train
+
+
+# rs-loop's fine-tunes: lora-train's defaults but for a higher peak learning rate.
+FINETUNE_DEFAULTS = {"lr": 1e-4}
 
 
 @dataclass
 class RSLoopConfig:
     """``iterations`` of rejection sampling (``rs``) then fine-tuning (``sft``: an
-    ``sft.SFTOptions``; its data and adapter path are set per iteration). The mean greedy
-    reward is measured on ``eval_prompts`` (default: the sampling prompts) with answers of
-    up to ``greedy_max_tokens`` (default: the sampling max-tokens)."""
+    ``sft.SFTOptions``, by default lora-train's with ``FINETUNE_DEFAULTS``; its data and
+    adapter path are set per iteration). The mean greedy reward is measured on
+    ``eval_prompts`` (default: the sampling prompts) with answers of up to
+    ``greedy_max_tokens`` (default: the sampling max-tokens)."""
 
     iterations: int = 1
     rs: RSConfig = field(default_factory=RSConfig)
@@ -64,7 +69,7 @@ class RSLoopConfig:
         from llama2_mlx.training.sft import SFTOptions
 
         if self.sft is None:
-            self.sft = SFTOptions(lr=1e-4, epochs=1, progress=True)
+            self.sft = SFTOptions.resolve(defaults=FINETUNE_DEFAULTS)
         if self.iterations < 1:
             raise Llama2Error(f"--iterations must be at least 1 (got {self.iterations})")
 
@@ -103,7 +108,7 @@ def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
     def digest(x) -> str:
         return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
 
-    sft = {k: v for k, v in dataclasses.asdict(config.sft).items() if k not in _NOT_SETTINGS}
+    sft = {k: v for k, v in config.sft.settings().items() if k not in _NOT_SETTINGS}
     return json.loads(json.dumps({
         "k": config.rs.k, "generation": dataclasses.asdict(config.rs.generation),
         "score_batch_size": config.rs.score_batch_size, "sft": sft,
@@ -200,14 +205,14 @@ def rs_loop(
         rs = dataclasses.replace(config.rs, generation=dataclasses.replace(
             config.rs.generation, seed=base_seed + it))
         report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, rs,
-                                  progress=config.sft.progress)
+                                  progress=config.sft.train.progress)
         log(f"iteration {it}: {report.summary()}")
         write_report(report, d / "winners.jsonl", d / "samples.jsonl")
         pool += [r.winner_record() for r in report.results]
         write_jsonl_atomic(d / "train.jsonl", pool)
         del policy
         policy, tokenizer = load_policy()
-        sft = dataclasses.replace(config.sft, seed=config.sft.seed + it)
+        sft = config.sft.with_options(seed=config.sft.train.seed + it)
         finetune(policy, tokenizer, d / "train.jsonl", d / "adapters", sft,
                  lora_config=lora_config, log=log)
         record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,

@@ -1,8 +1,12 @@
 """LoRA supervised fine-tuning with answer-only loss (``llama2 lora-train``).
 
-Options come, in increasing priority, from the defaults (sized for LoRA), a
-``--preset``, a ``--config`` file (YAML or JSON, the same option names) and the
-command line.
+``SFTOptions`` composes the adapters (``LoRAConfig``), the training run
+(``TrainConfig``) and the data (``DataConfig``), as ``RewardTrainConfig`` does for
+reward models. The options of ``lora-train`` are the fields with a ``help`` of these
+(and of ``SFTOptions``): a config file names them the way the fields are named
+(``rank``, ``max_seq_length`` or ``max-seq-length`` ...), whichever part holds them.
+They come, in increasing priority, from the defaults (sized for LoRA), a ``--preset``,
+a ``--config`` file (YAML or JSON) and the command line.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -20,7 +25,6 @@ import mlx.nn as nn
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.models.lora import (
-    DEFAULT_KEYS,
     LoRAConfig,
     apply_lora,
     lora_layers,
@@ -40,50 +44,78 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Not an option of any part: a preset or config file may give the effective batch
+# instead of grad_accum, which is derived from it (and batch_size) when options resolve.
+EFFECTIVE_BATCH = "effective_batch"
+
+
+@dataclass
+class DataConfig:
+    """The SFT data: a folder (``data``) with train.jsonl, valid.jsonl and optional
+    test.jsonl, or files one by one (``train``, ``valid``, ``test``), and how its samples
+    become micro-batches of ``batch_size`` rows of ``max_seq_length`` tokens."""
+
+    data: Optional[str] = field(default=None, metadata={
+        "help": "Folder with train.jsonl, valid.jsonl and optional test.jsonl."})
+    train: Optional[str] = field(default=None, metadata={
+        "help": "Training JSONL file (default DATA/train.jsonl)."})
+    valid: Optional[str] = field(default=None, metadata={
+        "help": "Validation JSONL file (default DATA/valid.jsonl)."})
+    test: Optional[str] = field(default=None, metadata={
+        "help": "Test JSONL file (default DATA/test.jsonl)."})
+    batch_size: int = field(default=4, metadata={"help": "Rows per micro-batch."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Row length in tokens."})
+    pack: bool = field(default=True, metadata={
+        "help": "Pack samples into rows (--no-pack: padded batches)."})
+    long_samples: str = field(default="error", metadata={
+        "help": "Samples longer than a row: error, truncate or skip."})
+
+    def file(self, split: str) -> Optional[Path]:
+        """The JSONL file of ``split`` (train, valid or test): the one given (found in the
+        ``data`` folder too), else the folder's ``{split}.jsonl`` if it has one."""
+        given = getattr(self, split)
+        if given is not None:
+            p = Path(given)
+            if not p.exists() and self.data is not None and (Path(self.data) / given).exists():
+                p = Path(self.data) / given
+            if not p.exists():
+                raise Llama2Error(f"--{split}: {p} not found")
+            return p
+        if self.data is None:
+            return None
+        if not Path(self.data).is_dir():
+            raise Llama2Error(f"--data: {self.data} is not a folder")
+        p = Path(self.data) / f"{split}.jsonl"
+        return p if p.exists() else None
+
 
 @dataclass
 class SFTOptions:
-    """Every ``lora-train`` option (see ``llama2 lora-train --help``)."""
+    """Every ``lora-train`` option (see ``llama2 lora-train --help``): the base model, the
+    adapters' folder, and the adapters' (``lora``), run's (``train``) and data's
+    (``data``) settings.
 
-    model: Optional[str] = None
-    data: Optional[str] = None
-    train: Optional[str] = None
-    valid: Optional[str] = None
-    test: Optional[str] = None
-    adapter_path: str = "adapters"
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    keys: Optional[list] = None
-    num_layers: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    effective_batch: Optional[int] = None
-    lr: float = 1e-5
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    epochs: Optional[float] = None
-    iters: Optional[int] = None
-    max_seq_length: int = 2048
-    pack: bool = True
-    long_samples: str = "error"
-    val_every: int = 200
-    val_batches: int = 25
-    save_every: int = 100
-    resume: bool = False
-    grad_checkpoint: bool = False
-    seed: int = 0
-    dtype: Optional[str] = None
-    progress: bool = True
+    ``resolve`` layers option values by name; ``settings`` gives them back by name."""
+
+    model: Optional[str] = field(default=None, metadata={
+        "help": "Base model folder or Hugging Face repo id."})
+    dtype: Optional[str] = field(default=None, metadata={
+        "help": "Compute dtype (default: the checkpoint's)."})
+    adapter_path: str = field(default="adapters", metadata={
+        "help": "Output folder of the adapters."})
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @classmethod
     def resolve(
-        cls, cli: Optional[dict] = None, config_file=None, preset: Optional[str] = None
+        cls, cli: Optional[dict] = None, config_file=None, preset: Optional[str] = None,
+        defaults: Optional[dict] = None,
     ) -> "SFTOptions":
-        """Defaults < ``preset`` < ``config_file`` < ``cli`` (its None values are unset)."""
+        """Defaults < ``defaults`` (a caller's own, by option name) < ``preset`` <
+        ``config_file`` < ``cli`` (by option name; its None values are unset)."""
         values: dict[str, Any] = {}
+        _apply(values, defaults or {}, "defaults")
         if preset is not None:
             if preset not in PRESETS:
                 raise Llama2Error(f"--preset: unknown preset {preset!r} (have {', '.join(PRESETS)})")
@@ -92,25 +124,65 @@ class SFTOptions:
         if "preset" in file_values:
             p = file_values.pop("preset")
             if preset is None:
-                return cls.resolve(cli, config_file, p)
+                return cls.resolve(cli, config_file, p, defaults)
         _apply(values, file_values, str(config_file))
         _apply(values, {k: v for k, v in (cli or {}).items() if v is not None}, "command line")
-        if values.get("effective_batch") is not None and "grad_accum" not in values:
-            eff, bs = values["effective_batch"], values.get("batch_size", cls.batch_size)
-            if eff % bs:
-                raise Llama2Error(f"--batch-size {bs} does not divide the effective batch {eff}")
-            values["grad_accum"] = eff // bs
-        return cls(**values)
+        effective = values.pop(EFFECTIVE_BATCH, None)
+        if effective is not None and "grad_accum" not in values:
+            bs = values.get("batch_size", DataConfig.batch_size)
+            if effective % bs:
+                raise Llama2Error(f"--batch-size {bs} does not divide the effective batch {effective}")
+            values["grad_accum"] = effective // bs
+        return cls.from_settings(values)
+
+    @classmethod
+    def from_settings(cls, values: dict) -> "SFTOptions":
+        """The options with ``values`` (option name -> value, see ``OPTION_PARTS``) set in
+        the parts that hold them; the others keep their defaults."""
+        parts: dict[Optional[str], dict] = {part: {} for part in OPTION_PARTS.values()}
+        for name, value in values.items():
+            parts[OPTION_PARTS[name]][name] = value
+        return cls(**parts.pop(None), **{part: _PARTS[part](**v) for part, v in parts.items()})
+
+    def settings(self) -> dict:
+        """Every option by name, the shape of a ``--config`` file (``from_settings``
+        reads it back)."""
+        return {name: getattr(self if part is None else getattr(self, part), name)
+                for name, part in OPTION_PARTS.items()}
+
+    def with_options(self, **options) -> "SFTOptions":
+        """A copy with ``options`` (by option name: ``train`` is the training file) changed."""
+        return self.from_settings({**self.settings(), **options})
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(SFTOptions)}
+_PARTS = {"lora": LoRAConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _kind(hint) -> type:
+    """The type an option's values are coerced to: ``Optional[int]`` -> int,
+    ``tuple[str, ...]`` -> tuple."""
+    if typing.get_origin(hint) is typing.Union:
+        return _kind(next(a for a in typing.get_args(hint) if a is not type(None)))
+    return typing.get_origin(hint) or hint
+
+
+def _option_table() -> tuple[dict[str, Optional[str]], dict[str, type]]:
+    parts, kinds = {}, {EFFECTIVE_BATCH: int}
+    for part, cls in [(None, SFTOptions), *_PARTS.items()]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                parts[f.name], kinds[f.name] = part, _kind(hints[f.name])
+    return parts, kinds
+
+
+# Option name -> the part of SFTOptions that holds it (None: SFTOptions itself), and
+# option name -> its type (the pseudo-option effective_batch included).
+OPTION_PARTS, _KINDS = _option_table()
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
-    default = _FIELDS[name].default
-    kind = type(default) if default is not None else {
-        "epochs": float, "iters": int, "effective_batch": int, "keys": list,
-    }.get(name, str)
+    kind = _KINDS[name]
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -118,8 +190,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                     raise ValueError(value)
                 return value.lower() in ("true", "yes", "1")
             return bool(value)
-        if kind is list:
-            return [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+        if kind is tuple:  # a comma-separated string is the part's to parse (LoRAConfig.keys)
+            return value if isinstance(value, str) else tuple(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return kind(value)
@@ -132,7 +204,7 @@ def _apply(values: dict, layer: dict, where: str) -> None:
     if layer.get("epochs") is not None and layer.get("iters") is not None:
         raise Llama2Error(f"{where}: give epochs or iters, not both")
     for k, v in layer.items():
-        if k not in _FIELDS:
+        if k not in _KINDS:
             raise Llama2Error(f"{where}: unknown option {k!r}")
         values[k] = _coerce(k, v, where) if v is not None else None
     # The later of epochs / iters wins.
@@ -140,8 +212,8 @@ def _apply(values: dict, layer: dict, where: str) -> None:
         values.pop("iters", None)
     if layer.get("iters") is not None:
         values.pop("epochs", None)
-    if "grad_accum" in layer and "effective_batch" not in layer:
-        values.pop("effective_batch", None)
+    if "grad_accum" in layer and EFFECTIVE_BATCH not in layer:
+        values.pop(EFFECTIVE_BATCH, None)
 
 
 def read_config_file(path) -> dict:
@@ -172,24 +244,6 @@ def read_config_file(path) -> dict:
     return values
 
 
-def resolve_keys(keys: Optional[list]) -> tuple[str, ...]:
-    """Full block-relative names for ``--keys`` (``q_proj`` means ``self_attn.q_proj``)."""
-    if not keys:
-        return DEFAULT_KEYS
-    short = {k.rsplit(".", 1)[-1]: k for k in DEFAULT_KEYS}
-    out = []
-    for k in keys:
-        if k in ("all",):
-            out += DEFAULT_KEYS
-        elif k in ("attn", "attention"):
-            out += DEFAULT_KEYS[:4]
-        elif k == "mlp":
-            out += DEFAULT_KEYS[4:]
-        else:
-            out.append(short.get(k, k))
-    return tuple(dict.fromkeys(out))
-
-
 def sft_loss(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over the batch's target tokens, and their number.
 
@@ -211,6 +265,9 @@ def token_losses(model: nn.Module, batch) -> mx.array:
 
 @dataclass
 class SFTResult:
+    """A ``lora_train`` run: the trainer's result, where the adapters went, each split's
+    batch statistics and the test loss (with a test split)."""
+
     train: TrainResult
     adapter_path: Path
     data: dict = field(default_factory=dict)
@@ -219,23 +276,6 @@ class SFTResult:
     @property
     def test_ppl(self) -> Optional[float]:
         return None if self.test_loss is None else math.exp(self.test_loss)
-
-
-def _data_file(opts: SFTOptions, split: str) -> Optional[Path]:
-    given = getattr(opts, split)
-    if given is not None:
-        p = Path(given)
-        if not p.exists() and opts.data is not None and (Path(opts.data) / given).exists():
-            p = Path(opts.data) / given
-        if not p.exists():
-            raise Llama2Error(f"--{split}: {p} not found")
-        return p
-    if opts.data is None:
-        return None
-    if not Path(opts.data).is_dir():
-        raise Llama2Error(f"--data: {opts.data} is not a folder")
-    p = Path(opts.data) / f"{split}.jsonl"
-    return p if p.exists() else None
 
 
 def lora_train(
@@ -247,22 +287,14 @@ def lora_train(
 
     ``model``/``tokenizer`` default to loading ``opts.model``. Adapters ``model`` already
     has (``lora_config`` describes them) are trained further; else new ones are added
-    (``opts.rank`` ...). ``description`` labels the progress bar.
+    (``opts.lora``). ``description`` labels the progress bar.
     """
-    # Check the options before the (slow) model load.
-    lora_cfg = LoRAConfig(opts.rank, opts.scale, opts.dropout, resolve_keys(opts.keys),
-                          opts.num_layers)
+    # The options were checked when they were made, before the (slow) model load.
     adapter_path = Path(opts.adapter_path)
-    config = TrainConfig(
-        lr=opts.lr, warmup=opts.warmup, min_lr_ratio=opts.min_lr_ratio,
-        weight_decay=opts.weight_decay, clip=opts.clip, grad_accum=opts.grad_accum,
-        epochs=opts.epochs, iters=opts.iters, val_every=opts.val_every,
-        val_batches=opts.val_batches, save_every=opts.save_every,
-        checkpoint_dir=adapter_path / "checkpoints", resume=opts.resume,
-        grad_checkpoint=opts.grad_checkpoint, seed=opts.seed, progress=opts.progress,
-        description=description,
-    )
-    train_file = _data_file(opts, "train")
+    config = dataclasses.replace(opts.train, checkpoint_dir=adapter_path / "checkpoints",
+                                 description=description)
+    data = opts.data
+    train_file = data.file("train")
     if train_file is None:
         raise Llama2Error("no training data: give --data DIR (with train.jsonl) or --train FILE")
     if model is None or tokenizer is None:
@@ -273,27 +305,28 @@ def lora_train(
         model, tokenizer = load(opts.model, dtype=opts.dtype)
     splits = {}
     for split in ("train", "valid", "test"):
-        path = train_file if split == "train" else _data_file(opts, split)
+        path = train_file if split == "train" else data.file(split)
         if path is None:
             continue
-        samples, report = fit_length(load_samples(path, tokenizer), opts.max_seq_length,
-                                     opts.long_samples)
-        if (msg := report.message(str(path), opts.max_seq_length + 1)) is not None:
+        samples, report = fit_length(load_samples(path, tokenizer), data.max_seq_length,
+                                     data.long_samples)
+        if (msg := report.message(str(path), data.max_seq_length + 1)) is not None:
             log(msg)
         if not samples:
-            raise Llama2Error(f"{path}: no sample left after --long-samples {opts.long_samples}")
+            raise Llama2Error(f"{path}: no sample left after --long-samples {data.long_samples}")
         shuffle = split == "train"
-        splits[split] = SFTBatches(samples, opts.batch_size, opts.max_seq_length, opts.pack,
-                                   opts.seed, shuffle=shuffle)
-    data = {}
+        splits[split] = SFTBatches(samples, data.batch_size, data.max_seq_length, data.pack,
+                                   config.seed, shuffle=shuffle)
+    stats = {}
     for split, b in splits.items():
         st = b.stats()
-        data[split] = dataclasses.asdict(st) | {"fill": st.fill}
+        stats[split] = dataclasses.asdict(st) | {"fill": st.fill}
         log(f"{split}: {st.samples} samples in {st.batches} batches ({st.rows} rows), "
             f"{st.targets:,} target tokens, {st.fill:.1%} non-padding tokens"
-            + (" (packed)" if opts.pack else " (padded)"))
+            + (" (packed)" if data.pack else " (padded)"))
 
-    mx.random.seed(opts.seed)
+    mx.random.seed(config.seed)
+    lora_cfg = opts.lora
     if lora_layers(model):
         if lora_config is None:
             raise ValueError("the model has LoRA layers: pass their LoRAConfig")
@@ -304,7 +337,7 @@ def lora_train(
     trainable, total = trainable_count(model)
     log(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"}
+    settings = {k: v for k, v in opts.settings().items() if k != "progress"}
 
     def on_save(m, step):
         save_adapters(m, adapter_path, lora_cfg, step=step, training=settings)
@@ -315,7 +348,7 @@ def lora_train(
         val_batches=(lambda: valid(0)) if valid is not None else None,
         on_save=on_save, log=log,
     )
-    out = SFTResult(result, adapter_path, data)
+    out = SFTResult(result, adapter_path, stats)
     if "test" in splits:
         out.test_loss, n = evaluate(model, sft_loss, splits["test"](0))
         log(f"test loss {out.test_loss:.4f}, perplexity {out.test_ppl:.3f} ({n:,} target tokens)")

@@ -57,30 +57,42 @@ class TrainConfig:
     paper's "3% of the steps, at least 5"); ``clip`` 0 disables clipping;
     ``val_every``/``save_every`` 0 disable periodic validation/checkpoints;
     checkpoints go to ``checkpoint_dir`` (none without it).
+
+    The fields with a ``help`` are the training options of the commands (``lora-train``
+    and the others): each default and help text is written here only.
     """
 
-    lr: float = 1e-5
-    warmup: int = 0
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    warmup: int = field(default=0, metadata={"help": "Linear warmup steps."})
     warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = field(default=0.1, metadata={
+        "help": "Cosine floor as a share of the peak."})
     schedule: str = "cosine"
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    clip: float = 1.0
-    grad_accum: int = 1
-    epochs: Optional[float] = None
-    iters: Optional[int] = None
-    val_every: int = 200
-    val_batches: int = -1
+    clip: float = field(default=1.0, metadata={
+        "help": "Clip gradients at this global norm (0: off)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    # Neither given: one epoch (__post_init__).
+    epochs: Optional[float] = field(default=None, metadata={
+        "help": "Epochs to train (instead of --iters)."})
+    iters: Optional[int] = field(default=None, metadata={
+        "help": "Optimizer steps to train (instead of --epochs)."})
+    val_every: int = field(default=200, metadata={"help": "Validate every N steps (0: off)."})
+    val_batches: int = field(default=25, metadata={"help": "Validation batches (-1: all)."})
     val_at_start: bool = True
-    save_every: int = 100
+    save_every: int = field(default=100, metadata={
+        "help": "Checkpoint every N steps (0: at the end only)."})
     keep_checkpoints: int = 2
     checkpoint_dir: Optional[Path] = None
-    resume: bool = False
-    grad_checkpoint: bool = False
-    seed: int = 0
-    progress: bool = True
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from the newest checkpoint of the output folder."})
+    grad_checkpoint: bool = field(default=False, metadata={
+        "help": "Recompute activations in backward (less memory)."})
+    seed: int = field(default=0, metadata={
+        "help": "Random seed (data order, initialization, dropout)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     description: str = "train"
 
     def __post_init__(self):
