@@ -33,7 +33,7 @@ from cli.options import (
     field_option,
     given,
 )
-from llama2_mlx.rlhf.rejection import RSLoopConfig
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig
 from llama2_mlx.rlhf.reward import RewardTrainConfig
 
 _S = "Sampling"
@@ -181,7 +181,7 @@ def rs_loop(
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
     from llama2_mlx.rlhf.rejection import RSConfig
-    from llama2_mlx.rlhf.rs_loop import FINETUNE_DEFAULTS, RSLoopConfig, rs_loop_files
+    from llama2_mlx.rlhf.rs_loop import FINETUNE_DEFAULTS, rs_loop_files
     from llama2_mlx.training.sft import SFTOptions
 
     # The fine-tune options are None unless given, so that --sft-config can set them.

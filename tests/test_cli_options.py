@@ -18,7 +18,7 @@ from cli.app import app
 from cli.options import shown
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.models.lora import LoRAConfig
-from llama2_mlx.rlhf.rejection import RSLoopConfig
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig
 from llama2_mlx.rlhf.reward import RewardTrainConfig
 from llama2_mlx.training.sft import OPTION_PARTS, DataConfig, SFTOptions
 from llama2_mlx.training.trainer import TrainConfig
