@@ -51,8 +51,7 @@ def build(args):
 
 def repeated(cache, k):
     for c in cache:
-        if c.keys is not None:
-            c.expand(k)
+        c.expand(k)
     return cache
 
 

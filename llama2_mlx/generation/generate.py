@@ -107,7 +107,7 @@ def _prefill(model, tokens: mx.array, cache: list, step: int) -> mx.array:
     while tokens.shape[1] > 1:
         n = min(step, tokens.shape[1] - 1)
         model(tokens[:, :n], cache=cache)
-        mx.eval([(c.keys, c.values) for c in cache])
+        mx.eval([c.state for c in cache])
         tokens = tokens[:, n:]
         mx.clear_cache()
     return tokens

@@ -1,11 +1,13 @@
 """Per-layer KV caches, created outside the model and passed to ``Transformer.__call__``.
 
-Keys and values are stored as (B, n_kv_heads, T, head_dim): with grouped-query
-attention the KV heads are never repeated in memory.
+Every cache is a ``BaseKVCache``: the model and the generation code use that
+interface only. Keys and values are stored as (B, n_kv_heads, T, head_dim): with
+grouped-query attention the KV heads are never repeated in memory.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -13,7 +15,65 @@ import mlx.core as mx
 from llama2_mlx.errors import Llama2Error
 
 
-class KVCache:
+class BaseKVCache(ABC):
+    """The interface of a per-layer KV cache.
+
+    Each call of ``attend`` (or ``update_and_fetch``) brings the keys and values
+    (B, n_kv_heads, T, head_dim) of T new tokens; ``offset`` is the number of
+    tokens seen so far, which is the position of the next one (for RoPE).
+    """
+
+    offset: int
+
+    @property
+    @abstractmethod
+    def state(self) -> list[mx.array]:
+        """The arrays the cache holds (what to ``mx.eval`` after a prefill chunk)."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held for the cached tokens."""
+
+    @abstractmethod
+    def make_mask(self, T: int):
+        """The mask of the next T queries against the keys ``update_and_fetch`` will
+        return for them: None (all visible), "causal", or a boolean array that
+        broadcasts to (B, 1, T, keys)."""
+
+    @abstractmethod
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Store the new tokens' keys and values; return the keys and values the new
+        queries attend to, (B, n_kv_heads, S, head_dim) each."""
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+        """Store the new k, v and return the attention output (B, n_heads, T, head_dim)
+        of the queries q (B, n_heads, T, head_dim) over the cache; ``mask`` is
+        ``make_mask(T)`` as a rule."""
+        k, v = self.update_and_fetch(k, v)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    @abstractmethod
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens, as if they had never been fed; where only fewer can
+        be forgotten exactly, forget those. Return how many were forgotten."""
+
+    @abstractmethod
+    def is_trimmable(self) -> bool:
+        """Whether ``trim`` can forget a token now."""
+
+    @abstractmethod
+    def expand(self, k: int) -> None:
+        """Repeat each sequence (batch row) of the cache k times, in place."""
+
+    def fork(self, k: int) -> BaseKVCache:
+        """The cache of this prefilled prompt continued by k sequences per row: by
+        default the rows repeated (in place, and returned)."""
+        self.expand(k)
+        return self
+
+
+class KVCache(BaseKVCache):
     """A growing cache (in steps of ``step`` tokens).
 
     ``left_padding`` (one int per sequence) makes it a batched cache for prompts
@@ -24,10 +84,14 @@ class KVCache:
     step = 256
 
     def __init__(self, left_padding: Optional[Sequence[int]] = None):
-        self.keys: Optional[mx.array] = None
+        self.keys: Optional[mx.array] = None  # (B, n_kv_heads, capacity, head_dim)
         self.values: Optional[mx.array] = None
         self.offset = 0
         self.left_padding = None if left_padding is None else mx.array(list(left_padding))
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         B, H, T, D = keys.shape
@@ -39,6 +103,7 @@ class KVCache:
             if self.keys is None:
                 self.keys, self.values = new_k, new_v
             else:
+                # Slots past offset (trimmed tokens) are dropped, not carried along.
                 self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
                 self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
         self.keys[..., prev : prev + T, :] = keys
@@ -47,7 +112,6 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def make_mask(self, T: int):
-        """Mask for the next T queries against the cached keys plus those T."""
         if self.left_padding is None:
             return "causal" if T > 1 else None
         qpos = mx.arange(self.offset, self.offset + T)[:, None]
@@ -56,20 +120,32 @@ class KVCache:
         # A padding query sees itself, so its softmax row is never empty (no NaN).
         return (kpos <= qpos) & ((kpos >= pad) | (kpos == qpos))  # (B, 1, T, offset+T)
 
-    def trim_to(self, n: int) -> None:
-        """Keep only the first n cached tokens (later writes overwrite the rest)."""
-        self.offset = min(self.offset, n)
+    def trim(self, n: int) -> int:
+        n = max(0, min(n, self.offset))
+        self.offset -= n  # the next writes overwrite the forgotten slots
+        return n
 
-    def expand(self, n: int) -> None:
-        """Repeat a batch-1 cache n times (K samples sharing one prefilled prompt)."""
-        self.keys = mx.repeat(self.keys[..., : self.offset, :], n, axis=0)
-        self.values = mx.repeat(self.values[..., : self.offset, :], n, axis=0)
+    def is_trimmable(self) -> bool:
+        return self.offset > 0
+
+    def expand(self, k: int) -> None:
+        if self.keys is not None:
+            self.keys = mx.repeat(self.keys[..., : self.offset, :], k, axis=0)
+            self.values = mx.repeat(self.values[..., : self.offset, :], k, axis=0)
         if self.left_padding is not None:
-            self.left_padding = mx.repeat(self.left_padding, n, axis=0)
+            self.left_padding = mx.repeat(self.left_padding, k, axis=0)
+
+    def _shareable(self) -> bool:
+        # One prefilled, unpadded sequence: what a SharedPrefixKVCache is made from.
+        return self.keys is not None and self.keys.shape[0] == 1 and self.left_padding is None
+
+    def fork(self, k: int) -> BaseKVCache:
+        """A ``SharedPrefixKVCache`` holding this prompt once for the k sequences when
+        the cache is one prefilled, unpadded sequence; else the rows repeated."""
+        return SharedPrefixKVCache(self) if self._shareable() else super().fork(k)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the keys and values held for the cached tokens."""
         if self.keys is None:
             return 0
         B, H, _, D = self.keys.shape
@@ -81,7 +157,7 @@ class KVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-class BoundedKVCache:
+class BoundedKVCache(BaseKVCache):
     """A cache that never holds more than ``max_size`` tokens.
 
     It keeps the first ``keep`` tokens (attention sinks) and a sliding window
@@ -94,15 +170,20 @@ class BoundedKVCache:
             raise Llama2Error(f"--max-kv-size {max_size} must be larger than keep={keep}")
         self.max_size, self.keep = max_size, keep
         self.window = max_size - keep
-        self.keys: Optional[mx.array] = None
+        self.keys: Optional[mx.array] = None  # (B, n_kv_heads, size, head_dim), in token order
         self.values: Optional[mx.array] = None
         self.offset = 0  # absolute position of the next token
 
     @property
     def size(self) -> int:
+        """The number of tokens held (at most ``max_size`` between calls)."""
         return 0 if self.keys is None else self.keys.shape[2]
 
-    def _trim(self, n: int) -> None:
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    def _keep_recent(self, n: int) -> None:
         # Keep the sinks and the most recent n - keep tokens.
         if self.size > n:
             tail = n - self.keep
@@ -121,15 +202,15 @@ class BoundedKVCache:
 
     def make_mask(self, T: int):
         if T == 1:
-            return None  # update_and_fetch trims first, so all fetched keys are visible
+            return None  # update_and_fetch drops the oldest window token first: all visible
         qpos = mx.arange(self.offset, self.offset + T)[:, None]
         kpos = self._key_positions(T)[None]
-        return (kpos <= qpos) & ((kpos < self.keep) | (kpos > qpos - self.window))
+        return (kpos <= qpos) & ((kpos < self.keep) | (kpos > qpos - self.window))  # (T, size+T)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         T = keys.shape[2]
         if T == 1:
-            self._trim(self.max_size - 1)
+            self._keep_recent(self.max_size - 1)
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
@@ -137,12 +218,34 @@ class BoundedKVCache:
             self.values = mx.concatenate([self.values, values], axis=2)
         self.offset += T
         k, v = self.keys, self.values
-        self._trim(self.max_size)
+        self._keep_recent(self.max_size)
         return k, v
 
-    def expand(self, n: int) -> None:
-        self.keys = mx.repeat(self.keys, n, axis=0)
-        self.values = mx.repeat(self.values, n, axis=0)
+    def _exactly_trimmable(self) -> int:
+        if self.size == self.offset:  # nothing dropped: the whole history is held
+            return self.offset
+        # The next query sees the window - 1 tokens before it, and the dropped ones are
+        # gone: of the size - keep held after the sinks, all but window - 1 may go.
+        return max(0, self.size - self.max_size + 1)
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens, at most as many as is exact: any number while no
+        token has left the window yet; after that only those beyond the window - 1 the
+        next query must see (one when the cache is full, none after that)."""
+        n = max(0, min(n, self._exactly_trimmable()))
+        if n:
+            held = self.size - n
+            self.keys, self.values = self.keys[..., :held, :], self.values[..., :held, :]
+            self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return self._exactly_trimmable() > 0
+
+    def expand(self, k: int) -> None:
+        if self.keys is not None:
+            self.keys = mx.repeat(self.keys, k, axis=0)
+            self.values = mx.repeat(self.values, k, axis=0)
 
     @property
     def nbytes(self) -> int:
@@ -151,7 +254,7 @@ class BoundedKVCache:
     capacity_nbytes = nbytes
 
 
-class SharedPrefixKVCache:
+class SharedPrefixKVCache(BaseKVCache):
     """K sequences continuing one prompt, with the prompt's keys and values held once.
 
     Made from a prefilled batch-1 ``KVCache``; each sequence's own tokens go to a
@@ -162,7 +265,7 @@ class SharedPrefixKVCache:
     """
 
     def __init__(self, prefix: KVCache):
-        if prefix.keys is None or prefix.keys.shape[0] != 1 or prefix.left_padding is not None:
+        if not prefix._shareable():
             raise ValueError("a shared prefix must be a prefilled batch-1 cache without padding")
         n = prefix.offset
         self.prefix_keys = prefix.keys[..., :n, :]  # (1, n_kv_heads, P, head_dim)
@@ -173,8 +276,27 @@ class SharedPrefixKVCache:
     def offset(self) -> int:
         return self.prefix_keys.shape[2] + self.own.offset
 
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.prefix_keys, self.prefix_values, *self.own.state]
+
     def make_mask(self, T: int):
-        return None  # ``attend`` applies causality within the new tokens itself
+        # The keys of update_and_fetch are the prompt's then the row's own, unpadded:
+        # a plain causal mask. ``attend`` applies that causality itself.
+        return self.own.make_mask(T)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """The keys and values of the prompt then the row's own, (K, n_kv_heads, P+S, head_dim)
+        each. This copies the prompt K times, which ``attend`` (what the model calls)
+        avoids; it completes the interface for a caller that runs its own attention."""
+        own_k, own_v = self.own.update_and_fetch(keys, values)  # (K, Hkv, S, hd)
+        K = own_k.shape[0]
+
+        def rows(prefix: mx.array) -> mx.array:  # (1, Hkv, P, hd) -> (K, Hkv, P, hd)
+            return mx.broadcast_to(prefix, (K, *prefix.shape[1:]))
+
+        return (mx.concatenate([rows(self.prefix_keys), own_k], axis=2),
+                mx.concatenate([rows(self.prefix_values), own_v], axis=2))
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
         """Attention output (K, H, T, hd) of queries q (K, H, T, hd) over the prompt and
@@ -191,16 +313,30 @@ class SharedPrefixKVCache:
         qp = q.reshape(K, Hkv, G, T, D).transpose(1, 0, 2, 3, 4).reshape(1, Hkv, K * G * T, D)
         s_prefix = qp @ self.prefix_keys.swapaxes(-1, -2)  # (1, Hkv, K*G*T, P)
         s_prefix = s_prefix.reshape(Hkv, K, G * T, P).transpose(1, 0, 2, 3)  # (K, Hkv, G*T, P)
+        # (K, H, T, hd) -> (K, Hkv, G*T, hd): a row's queries grouped by their KV head.
         s_own = q.reshape(K, Hkv, G * T, D) @ own_k.swapaxes(-1, -2)  # (K, Hkv, G*T, S)
         if T > 1:  # new token t (own position S-T+t) sees own keys up to itself
             qpos = mx.arange(S - T, S)
             visible = mx.arange(S)[None] <= qpos[:, None]  # (T, S)
-            s_own = mx.where(mx.tile(visible, (G, 1)), s_own, -float("inf"))
+            s_own = mx.where(mx.tile(visible, (G, 1)), s_own, -float("inf"))  # mask (G*T, S)
         probs = mx.softmax(mx.concatenate([s_prefix, s_own], axis=-1), axis=-1, precise=True)
+        # (K, Hkv, G*T, P) -> (1, Hkv, K*G*T, P): back to the layout of qp for the prompt's values.
         p_prefix = probs[..., :P].transpose(1, 0, 2, 3).reshape(1, Hkv, K * G * T, P)
+        # (1, Hkv, K*G*T, hd) -> (K, H, T, hd), then add the own part (K, Hkv, G*T, hd) alike.
         out = (p_prefix @ self.prefix_values).reshape(Hkv, K, G, T, D).transpose(1, 0, 2, 3, 4)
         out = out.reshape(K, H, T, D) + (probs[..., P:] @ own_v).reshape(K, H, T, D)
         return out
+
+    def trim(self, n: int) -> int:
+        """Forget the last of each row's own tokens (never the shared prompt's)."""
+        return self.own.trim(n)
+
+    def is_trimmable(self) -> bool:
+        return self.own.is_trimmable()
+
+    def expand(self, k: int) -> None:
+        """Repeat each row's own tokens k times; all rows still share the one prompt."""
+        self.own.expand(k)
 
     @property
     def nbytes(self) -> int:
@@ -212,17 +348,9 @@ class SharedPrefixKVCache:
 
 
 def fork(cache: list, k: int) -> list:
-    """The caches of a prefilled batch-1 prompt, continued by ``k`` sequences: shared
-    (``SharedPrefixKVCache``) where possible, else repeated k times in place."""
-    out = []
-    for c in cache:
-        if isinstance(c, KVCache) and c.left_padding is None and c.keys is not None:
-            out.append(SharedPrefixKVCache(c))
-        else:
-            if c.keys is not None:
-                c.expand(k)
-            out.append(c)
-    return out
+    """The caches of a prefilled prompt continued by ``k`` sequences per row (each
+    layer's ``fork``: shared where possible, else repeated)."""
+    return [c.fork(k) for c in cache]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -242,16 +370,21 @@ class PromptCache:
     Reuse is exact: the key and value at position i depend on tokens 0..i only.
     """
 
-    def __init__(self, model):
-        self.cache = make_cache(model)
+    def __init__(self, model, max_kv_size: Optional[int] = None):
+        self.model, self.max_kv_size = model, max_kv_size
+        self.cache = make_cache(model, max_kv_size)
         self.tokens: list[int] = []
 
     def reuse(self, ids: Sequence[int]) -> int:
         """Trim the cache to the longest prefix it shares with ``ids`` (at least one token
-        of ``ids`` is left to run) and return that prefix's length."""
+        of ``ids`` is left to run) and return that prefix's length. Caches that cannot
+        be trimmed that far exactly (bounded ones past their window) are replaced by
+        fresh ones, and 0 is returned."""
         n = min(common_prefix_length([self.tokens, ids]), len(ids) - 1)
         for c in self.cache:
-            c.trim_to(n)
+            c.trim(c.offset - n)
+        if any(c.offset != n for c in self.cache):
+            self.cache, n = make_cache(self.model, self.max_kv_size), 0
         self.tokens = list(ids[:n])
         return n
 
@@ -267,4 +400,5 @@ def make_cache(model, max_kv_size: Optional[int] = None, left_padding=None) -> l
 
 
 def cache_nbytes(cache: list) -> int:
+    """Bytes of the keys and values held by all layers' caches."""
     return sum(c.nbytes for c in cache)

@@ -148,13 +148,11 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = rope(q, self.rope_theta, offset), rope(k, self.rope_theta, offset)
-        if hasattr(cache, "attend"):  # a cache that lays its keys out its own way
-            out = cache.attend(q, k, v, self.scale, mask)
-        else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
+        if cache is None:
             # The fused kernel shares each KV head among n_heads // n_kv_heads query heads.
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:  # the cache stores k, v and attends over all its keys (BaseKVCache.attend)
+            out = cache.attend(q, k, v, self.scale, mask)
         # (B, H, T, hd) -> (B, T, H*hd)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
@@ -235,7 +233,7 @@ class LlamaModel(nn.Module):
 class Transformer(nn.Module):
     """The Llama 2 language model: tokens (B, T) -> logits (B, T, vocab).
 
-    ``cache`` is a list with one KV cache per layer (see ``llama2_mlx.cache``);
+    ``cache`` is a list with one KV cache per layer (see ``llama2_mlx.models.cache``);
     ``mask`` overrides the causal mask (e.g. block-diagonal for packed rows).
     The same call serves training (no cache) and decoding (with a cache).
     """

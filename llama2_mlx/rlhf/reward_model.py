@@ -167,7 +167,7 @@ def score_shared_prefix(rm: RewardModel, seqs: Sequence[Sequence[int]], *,
     with eval_mode(rm):
         prefix = make_cache(rm)
         rm.model(mx.array([list(seqs[0][:L])]), cache=prefix)
-        mx.eval([(c.keys, c.values) for c in prefix])
+        mx.eval([c.state for c in prefix])
         rewards: list[float] = []
         for i in range(0, len(seqs), batch_size):
             tokens, lengths = pad_right([s[L:] for s in seqs[i : i + batch_size]], pad_id)
