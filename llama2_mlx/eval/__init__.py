@@ -1,0 +1,2 @@
+"""Evaluation: held-out negative log-likelihood of a base model and its adapters, with
+bootstrap intervals (``perplexity``, ``report``)."""
