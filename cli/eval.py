@@ -1,5 +1,6 @@
 """``llama2 eval``: the NLL and perplexity of a base model and its adapters on a JSONL
-file, with bootstrap intervals."""
+file, with bootstrap intervals; ``llama2 lm-eval``: lm-evaluation-harness with the
+``llama2-mlx`` model type registered."""
 
 from __future__ import annotations
 
@@ -45,5 +46,21 @@ def eval_(
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
 
 
+@cli_errors
+def lm_eval(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's command line with the llama2-mlx model type registered
+    (needs pip install -e '.[eval]'). Every argument goes to lm-eval, e.g.
+    llama2 lm-eval --model llama2-mlx --model_args model=M,adapter_path=A --tasks hellaswag"""
+    from llama2_mlx.errors import Llama2Error
+
+    try:
+        from llama2_mlx.eval.harness import main
+    except ImportError as e:
+        raise Llama2Error(str(e)) from None
+    main(ctx.args)
+
+
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_)
+    app.command("lm-eval", add_help_option=False, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True})(lm_eval)
