@@ -49,7 +49,7 @@ def eval_(
 @cli_errors
 def lm_eval(ctx: typer.Context) -> None:
     """lm-evaluation-harness's command line with the llama2-mlx model type registered
-    (needs pip install -e '.[eval]'). Every argument goes to lm-eval, e.g.
+    (needs the eval extra: lm_eval 0.4.13). Every argument goes to lm-eval (-h: its help), e.g.
     llama2 lm-eval --model llama2-mlx --model_args model=M,adapter_path=A --tasks hellaswag"""
     from llama2_mlx.errors import Llama2Error
 
@@ -62,5 +62,5 @@ def lm_eval(ctx: typer.Context) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_)
-    app.command("lm-eval", add_help_option=False, context_settings={
+    app.command("lm-eval", context_settings={
         "allow_extra_args": True, "ignore_unknown_options": True})(lm_eval)

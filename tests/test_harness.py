@@ -89,7 +89,7 @@ def test_lm_eval_accuracy_is_the_picks_of_our_loglikelihoods(tmp_path, lm, tok):
     folder = mc_task(tmp_path / "task")
     out = lm_eval.simple_evaluate(
         model=MODEL_TYPE, model_args={"model": lm.name}, tasks=[TASK], batch_size=3,
-        task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+        task_manager=TaskManager(include_path=str(folder), include_defaults=False), log_samples=True)
     docs = [json.loads(x) for x in (folder / "mc.jsonl").read_text().splitlines()]
     lls = our_loglikelihoods(lm.model, tok, [pair(tok, d["question"], " " + c)
                                              for d in docs for c in d["choices"]])
@@ -143,9 +143,9 @@ def test_loglikelihood_rolling_and_generate_until(lm, tok):
     assert out == want and "." not in out
 
 
-def test_the_command_lines_register_the_model_type(tmp_path, model_dir):
-    """``python -m llama2_mlx.eval.harness`` in a fresh process (nothing imported first),
-    and ``llama2 lm-eval``."""
+def test_the_command_lines_register_the_model_type(tmp_path, model_dir, monkeypatch):
+    """``python -m llama2_mlx.eval.harness`` runs lm-eval's command line in a fresh process
+    (nothing of ours imported first); ``llama2 lm-eval`` hands its arguments to the same."""
     folder = mc_task(tmp_path / "task", n=4)
     args = ["--model", MODEL_TYPE, "--model_args", f"model={model_dir}", "--tasks", TASK,
             "--include_path", str(folder), "--batch_size", "4"]
@@ -155,11 +155,16 @@ def test_the_command_lines_register_the_model_type(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert TASK in r.stdout and "acc" in r.stdout
 
+    import lm_eval.__main__
+    from lm_eval.api.registry import get_model
     from typer.testing import CliRunner
 
     from cli.app import app
 
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate",
+                        lambda: seen.append((list(sys.argv), get_model(MODEL_TYPE))))
     saved = list(sys.argv)
     res = CliRunner().invoke(app, ["lm-eval", *args])
     assert res.exit_code == 0, (res.output, res.exception)
-    assert TASK in res.stdout and sys.argv == saved
+    assert seen == [(["lm-eval", *args], Llama2MLX)] and sys.argv == saved
