@@ -233,7 +233,7 @@ def evaluate_file(opts: EvalOptions, model=None, tokenizer=None,
     if not 0.0 < opts.level < 1.0:
         raise Llama2Error(f"--level must be in (0, 1) (got {opts.level})")
     adapters = adapter_names(opts.adapter_paths)
-    for name, p in adapters.items():
+    for p in adapters.values():
         if not Path(p).is_dir():
             raise Llama2Error(f"--adapter-path: {p} is not a folder")
     if model is None or tokenizer is None:
