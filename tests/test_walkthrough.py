@@ -53,13 +53,14 @@ PRODUCES = {
 # What a command's stdout must show.
 STDOUT = {
     "demo eval": r"accuracy \d\.\d{3} \(\d+/\d+\)",
+    "eval": r"^model +tokens +NLL .*\nbase +\d+ +\d+\.\d{4} .*\nadapters/next +\d+ +\d+\.\d{4} .*of zero",
     "reward-train": r"^held-out acc \d",
     "reward-eval": r"^accuracy \d",
     "rejection-sample": r"mean best reward .*\nmean median reward",
     "rs-loop": r"iteration 0 \(start\).*\niteration 1: mean best reward",
 }
 # Every part of the walkthrough must be there.
-REQUIRED = ("generate", "chat", "demo data", "demo eval", "lora-train", "fuse", "demo pairs",
+REQUIRED = ("generate", "chat", "demo data", "demo eval", "lora-train", "eval", "fuse", "demo pairs",
             "reward-train", "demo prompts", "rejection-sample", "rs-loop")
 
 
