@@ -71,9 +71,10 @@ def test_nll_equals_lora_train_test_and_validation_loss(tmp_path, model_dir, tok
     write_records(data / "valid.jsonl", 10, 1)
     write_records(data / "test.jsonl", 11, 2)
     logged = []
-    opts = SFTOptions(model=str(model_dir), data=str(data), adapter_path=str(tmp_path / "ad"),
-                      iters=3, batch_size=2, lr=1e-2, max_seq_length=64, val_every=3,
-                      val_batches=-1, save_every=0, rank=4, progress=False)
+    opts = SFTOptions.resolve(dict(
+        model=str(model_dir), data=str(data), adapter_path=str(tmp_path / "ad"), iters=3,
+        batch_size=2, lr=1e-2, max_seq_length=64, val_every=3, val_batches=-1, save_every=0,
+        rank=4, progress=False))
     result = lora_train(opts, log=logged.append)
     shown = "\n".join(logged) + capsys.readouterr().err  # val lines go to the bar's console
     val = float(re.findall(r"step 3: val loss (\d+\.\d+)", shown)[-1])
