@@ -28,7 +28,7 @@ from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.progress import ProgressBar, log_stderr
-from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.io.readers import read_json, read_jsonl
 from llama2_mlx.rlhf.reward_data import encode_response, prompt_messages
 from llama2_mlx.rlhf.reward_model import (
     RewardModel,
@@ -317,7 +317,7 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     f = out / SETTINGS_FILE
     if not f.exists() or not (out / SUMMARY_FILE).exists():
         raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
-    diff = list(_differences(json.loads(f.read_text()), settings))
+    diff = list(_differences(read_json(f), settings))
     if diff:
         raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
                           "use the same options, or a new --out")
