@@ -22,3 +22,7 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m cli.app (the hostile-input tests run it so)
+    main()
