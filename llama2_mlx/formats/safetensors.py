@@ -115,7 +115,9 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
     """Every tensor of a safetensors file, its header checked first."""
     safetensors_header(path)
     with open_regular(path) as f:
+        # MLX opens the file we checked and hold open (not the name, which could now be a
+        # FIFO). Not the file object itself: MLX then may abort the process at exit.
         try:
-            return mx.load(f, format="safetensors")
+            return mx.load(f"/dev/fd/{f.fileno()}", format="safetensors")
         except Exception as e:  # mlx raises RuntimeError/ValueError on malformed files
             raise Llama2Error(f"{path}: cannot read safetensors ({one_line(e, 100)})") from None
