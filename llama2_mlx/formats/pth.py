@@ -228,7 +228,7 @@ class _StorageReader:
             order = _small_record(path, zf, prefix + "byteorder").decode(errors="replace").strip()
         self.swap = order != "little"
 
-    def _record(self, key: str) -> memoryview | bytes:
+    def _record(self, key: str, nbytes: int) -> memoryview | bytes:
         name = f"{self.prefix}data/{key}"
         try:
             info = self.zf.getinfo(name)
@@ -241,12 +241,19 @@ class _StorageReader:
                 f"{self.path}: storage record {name} is compressed; torch.save stores tensor "
                 "bytes uncompressed (re-save the checkpoint with torch.save)"
             )
+        if nbytes < 0 or nbytes > self.size:
+            raise Llama2Error(
+                f"{self.path}: storage {key} claims {nbytes:,} bytes, the file has {self.size:,}"
+            )
         # The record is stored raw: find its bytes after the local file header.
         self.fh.seek(info.header_offset)
         head = self.fh.read(30)
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
             raise Llama2Error(f"{self.path}: corrupt zip entry {name}")
         n_name, n_extra = struct.unpack("<HH", head[26:30])
+        if self.fh.read(n_name) != info.orig_filename.encode("utf-8", "surrogateescape"):
+            raise Llama2Error(f"{self.path}: corrupt zip entry {name} (its local header "
+                              "names another record)")
         start = info.header_offset + 30 + n_name + n_extra
         if start + info.file_size > self.size:
             raise Llama2Error(f"{self.path}: truncated (record {name} runs past the end)")
@@ -263,11 +270,7 @@ class _StorageReader:
             return cached
         itemsize = np.dtype(st.stype.np_dtype).itemsize
         nbytes = st.numel * itemsize
-        if st.numel < 0 or nbytes > self.size:
-            raise Llama2Error(
-                f"{self.path}: storage {st.key} claims {nbytes:,} bytes, the file has {self.size:,}"
-            )
-        raw = self._record(st.key)
+        raw = self._record(st.key, nbytes)
         if len(raw) != nbytes:
             raise Llama2Error(
                 f"{self.path}: storage {st.key} holds {len(raw):,} bytes, its header says {nbytes:,}"
