@@ -242,7 +242,8 @@ def _quantization(config: dict, config_file: Path) -> Optional[dict]:
     if quant is None and qc:
         method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise Llama2Error(
-            f"{config_file}: quantized with {one_line(method, 40)}, which is not supported; "
+            f"{config_file}: quantization_config: quantized with {one_line(method, 40)}, which "
+            "is not supported; "
             "use a float checkpoint (and `llama2 convert -q` to quantize it)"
         )
     if quant is None:

@@ -230,10 +230,13 @@ def read_json(path: PathLike, limit: int = MAX_JSON_BYTES) -> dict:
     return value
 
 
-def iter_lines(path: PathLike, limit: int = MAX_JSONL_BYTES,
-               line_limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: PathLike, limit: Optional[int] = None,
+               line_limit: Optional[int] = None) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of each line of a text file, split on ``\\n`` only; streamed,
-    with at most ``line_limit`` bytes a line and ``limit`` bytes in all."""
+    with at most ``line_limit`` bytes a line (default MAX_LINE_BYTES) and ``limit`` bytes
+    in all (default MAX_JSONL_BYTES)."""
+    limit = MAX_JSONL_BYTES if limit is None else limit
+    line_limit = MAX_LINE_BYTES if line_limit is None else line_limit
     with open_regular(path, limit) as f:
         total = 0
         for i in itertools.count(1):
