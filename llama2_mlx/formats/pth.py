@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -342,7 +343,22 @@ class _StorageReader:
 
 
 _MAX_DIMS = 8
-MAX_PICKLE_BYTES = 64 << 20  # data.pkl of a 70B shard is well under 1 MB
+MAX_PICKLE_BYTES = 16 << 20  # data.pkl of a 70B shard is well under 1 MB
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _prescan(path: Path, data: bytes) -> None:
+    """Walk the pickle's opcodes before it runs: a memo index far past the pickle's size
+    (``LONG_BINPUT 2**31``, 13 bytes) would make the unpickler allocate gigabytes."""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _MEMO_PUTS and not 0 <= int(arg) <= len(data):
+                raise Llama2Error(f"{path}: corrupt pickle (memo index {arg})")
+            if op.name == "STOP":
+                return
+    except (ValueError, TypeError) as e:
+        raise Llama2Error(f"{path}: not a PyTorch checkpoint (corrupt pickle: "
+                          f"{one_line(e, 60)})") from None
 
 
 def _dense(size, stride) -> bool:
@@ -382,6 +398,7 @@ def _refusal(path: Path, what: str) -> Llama2Error:
 
 def _scan_plain_pickle(path: Path, data: bytes) -> Llama2Error:
     """A non-zip file: unpickle safely only to say what it is (legacy or hostile)."""
+    _prescan(path, data)
     up = _SafeUnpickler(io.BytesIO(data), path, None)  # type: ignore[arg-type]
     up.persistent_load = lambda pid: None  # legacy storages: never reached for data
     try:
@@ -424,6 +441,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, TensorData]:
         prefix = pkls[0][: -len("data.pkl")]
         pkl = _small_record(path, zf, pkls[0])
         reader = _StorageReader(path, zf, prefix, fh)
+        _prescan(path, pkl)
         up = _SafeUnpickler(io.BytesIO(pkl), path, reader)
         try:
             obj = up.load()
