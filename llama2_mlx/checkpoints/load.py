@@ -38,6 +38,7 @@ from llama2_mlx.formats.weights import (
     IGNORED_HF_SUFFIXES,
     IGNORED_META,
     cast,
+    check_dtypes,
     check_state_dict,
     expected_shapes,
     from_meta_rows,
@@ -62,10 +63,9 @@ def _args_from(params: dict, where: Path) -> ModelArgs:
 
 def _check_table(model: Transformer) -> None:
     """The table must name exactly the parameters of the (unquantized) model."""
-    params = parameter_shapes(model)
-    if expected_shapes(model.args) != params:  # a programming error, not bad input
-        table = set(expected_shapes(model.args))
-        raise AssertionError(f"weight table out of date: {sorted(table ^ set(params))[:4]}")
+    params, table = parameter_shapes(model), expected_shapes(model.args)
+    if table != params:  # a programming error, not bad input
+        raise AssertionError(f"weight table out of date: {sorted(set(table) ^ set(params))[:4]}")
 
 
 def _check_declared(declared: dict, args: ModelArgs, config_file: Path, where, sources: dict,
@@ -127,6 +127,9 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
     emb = shards[0].get("tok_embeddings.weight")
     if emb is None:
         raise Llama2Error(f"{shard_files[0]}: tensor tok_embeddings.weight is missing")
+    if len(emb.shape) != 2:
+        raise Llama2Error(f"{shard_files[0]}: tensor tok_embeddings.weight has shape "
+                          f"{emb.shape}, not (vocab, dim)")
     if params.get("vocab_size", -1) in (-1, None):  # Meta leaves it to the tokenizer
         params = {**params, "vocab_size": emb.shape[0]}
     args = _args_from(params, params_file)
@@ -168,6 +171,7 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
                     f"{file}: tensor {meta} has shape {t.shape}, expected {tuple(part)} "
                     f"from {params_file.name}" + (f" and {n} shards" if n > 1 else "") + context
                 )
+            check_dtypes({meta: t}, file)
             if pieces and t.dtype != pieces[0].dtype:
                 raise Llama2Error(
                     f"{file}: tensor {meta} is {t.dtype}, but {pieces[0].dtype} in shard 00"
@@ -310,6 +314,7 @@ def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
         sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     where = files[0] if len(files) == 1 else folder
     what = f"a Llama 2 model as {config_file.name} describes it"
+    check_dtypes(declared, where, sources=sources)
 
     if quant is None:
         _check_declared(declared, args, config_file, where, sources, what)

@@ -185,6 +185,27 @@ def check_state_dict(
             )
 
 
+_MX_NAMES = {mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", mx.uint32: "U32"}
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+def check_dtypes(weights: Mapping[str, object], where: PathLike, *,
+                 sources: Optional[Mapping[str, PathLike]] = None) -> None:
+    """Every weight must be float16, bfloat16 or float32, except the packed matrices of
+    quantized layers (``<layer>.weight`` beside ``<layer>.scales``): uint32. ``weights``
+    may be arrays or declared tensors (a safetensors dtype name, or an MLX dtype)."""
+    sources = sources or {}
+    for name, t in weights.items():
+        dtype = t.dtype if isinstance(t.dtype, str) else _MX_NAMES.get(t.dtype, str(t.dtype))
+        packed = name.endswith(".weight") and name[: -len("weight")] + "scales" in weights
+        allowed = ("U32",) if packed else FLOAT_DTYPES
+        if dtype not in allowed:
+            raise Llama2Error(
+                f"{sources.get(name, where)}: tensor {name} is {dtype}, not "
+                f"{' or '.join(allowed)}"
+            )
+
+
 def parameter_shapes(module, trainable: bool = False) -> dict[str, tuple]:
     """Name -> shape of every parameter (or trainable parameter) of an ``nn.Module``."""
     from mlx.utils import tree_flatten

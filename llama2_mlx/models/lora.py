@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
+from llama2_mlx.formats.weights import check_dtypes, check_state_dict, parameter_shapes
 from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -265,6 +265,7 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     if not exists(wfile):
         raise Llama2Error(f"--adapter-path: {wfile} not found")
     declared = safetensors_header(wfile)  # shapes checked before any byte is read
+    check_dtypes(declared, wfile)
     if kind == "lora":
         # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
         config.num_layers = min(config.num_layers, len(model.layers))
