@@ -3,9 +3,10 @@
 
 ``run_cli`` runs ``python -m cli.app ...`` as a child process (in a folder of the test's,
 with this worktree first on ``PYTHONPATH``, offline) and returns an ``Ended``: exit code,
-output, the child's peak resident memory (``ru_maxrss`` from ``os.wait4``, which counts
-what was really touched; MLX reserves far more virtual memory than it uses, so an address
-space bound would measure nothing useful) and whether it ran past its timeout.
+output, the child's peak resident memory (``ru_maxrss`` from ``os.wait4`` in a small
+launcher process, which counts what was really touched; MLX reserves far more virtual
+memory than it uses, so an address-space bound would measure nothing useful) and whether
+it ran past its timeout (then the child is killed).
 An address-space limit (``ADDRESS_SPACE``, 4 GiB) is still set, only as a safety net: an
 input that would make the child allocate without end makes it fail early rather than
 exhaust the machine. ``assert_one_line_error`` is the project's promise for bad input:
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -65,52 +66,71 @@ class Ended:
                 f"{tail}")
 
 
-def _limit_address_space(limit: int):
-    def set_limit():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+# The child is started by a small launcher, which reports its peak RSS: Linux carries a
+# process's peak RSS across exec from the process it was forked from, so a child forked
+# from pytest directly would report pytest's own size.
+_LAUNCHER = """
+import json, os, resource, sys
+report, limit, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    json.dump({"status": status, "maxrss_kb": usage.ru_maxrss}, f)
+"""
 
-    return set_limit
+
+def _group_peak_rss_kb(pgid: int) -> int:
+    """The largest peak RSS (VmHWM) among the live processes of process group ``pgid``."""
+    peak = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            continue
+    return peak
 
 
 def run_cli(*args: str, cwd, timeout: float = TIMEOUT_S, address_space: int = ADDRESS_SPACE,
             stdin: Optional[str] = None, env: Optional[dict] = None) -> Ended:
     """Run ``llama2 ARGS`` (``python -m cli.app``) in folder ``cwd``; see the module doc."""
     cwd = Path(cwd)
-    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-                 "PYTHONFAULTHANDLER": "", **(env or {})}
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
     out_path, err_path = cwd / ".hostile.stdout", cwd / ".hostile.stderr"
+    report = cwd / ".hostile.report"
+    command = [sys.executable, "-S", "-c", _LAUNCHER, str(report), str(address_space),
+               sys.executable, "-m", "cli.app", *args]
     start = time.monotonic()
+    timed_out = False
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "cli.app", *args], cwd=cwd, env=child_env,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=out, stderr=err, preexec_fn=_limit_address_space(address_space),
-        )
-        if stdin is not None:
-            try:
-                p.stdin.write(stdin.encode())
-                p.stdin.close()
-            except BrokenPipeError:
-                pass
-        timed_out = False
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                timed_out = True
-                p.kill()
-                pid, status, usage = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.02)
-    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait
+        p = subprocess.Popen(command, cwd=cwd, env=child_env, stdout=out, stderr=err,
+                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                             start_new_session=True)
+        try:
+            p.communicate(stdin.encode() if stdin is not None else None, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            hung_rss_kb = _group_peak_rss_kb(p.pid)
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and the child
+            p.wait()
     seconds = time.monotonic() - start
-    ended = Ended(tuple(args), None if timed_out else p.returncode,
-                  out_path.read_bytes().decode(errors="replace"),
+    got = json.loads(report.read_text()) if report.exists() else None
+    if timed_out:
+        got = {"status": 0, "maxrss_kb": hung_rss_kb}
+    returncode = None if timed_out or got is None else os.waitstatus_to_exitcode(got["status"])
+    ended = Ended(tuple(args), returncode, out_path.read_bytes().decode(errors="replace"),
                   err_path.read_bytes().decode(errors="replace"),
-                  usage.ru_maxrss / 1024, seconds, timed_out)
-    out_path.unlink()
-    err_path.unlink()
+                  got["maxrss_kb"] / 1024 if got else float("nan"), seconds, timed_out)
+    for f in (out_path, err_path, report):
+        f.unlink(missing_ok=True)
     return ended
 
 
