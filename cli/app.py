@@ -45,3 +45,7 @@ def _options(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m cli.app (the hostile-input tests run it so)
+    main()

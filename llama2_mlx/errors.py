@@ -6,7 +6,17 @@ fault; the CLI prints it as ``error: <message>`` and exits with status 2.
 
 
 class Llama2Error(Exception):
-    """Bad input (file, data line, option or checkpoint) with a one-line explanation."""
+    """Bad input (file, data line, option or checkpoint) with a one-line explanation.
+
+    What a hostile input puts in the message (a tensor name or a file name holding a
+    newline, a lone surrogate, a control character) is escaped, so the message stays one
+    printable line."""
+
+    def __str__(self) -> str:
+        s = super().__str__()
+        if s.isprintable():
+            return s
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
 
 
 def one_line(text: object, limit: int = 160) -> str:

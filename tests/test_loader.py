@@ -128,7 +128,7 @@ def test_pth_reader_dtypes_offsets_strides(tmp_path):
     tensors = {
         "bf16": torch.randn(3, 5).to(torch.bfloat16),
         "fp16": torch.randn(4).half(),
-        "offset": base[5:11].view(2, 3),           # storage offset into a shared storage
+        "offset": torch.arange(24.0)[5:11].view(2, 3),  # storage offset into a storage
         "transposed": base.view(4, 6).t(),          # non-contiguous strides
         "param": torch.nn.Parameter(torch.ones(2)),
         "int": torch.tensor([1, -2, 3]),

@@ -8,7 +8,10 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.io.readers import exists, read_bytes
+
+MAX_TOKENIZER_BYTES = 64 << 20  # Llama 2's tokenizer.model is 500 KB
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -84,16 +87,27 @@ class Tokenizer:
 
     def __init__(self, model_path: str | os.PathLike):
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
+        if not exists(self.model_path):
             raise Llama2Error(f"{self.model_path}: tokenizer model not found")
+        # Read here (a regular file, bounded), so sentencepiece never opens a FIFO or device.
+        proto = read_bytes(self.model_path, MAX_TOKENIZER_BYTES)
+        if not proto:
+            raise Llama2Error(f"{self.model_path}: empty file, not a SentencePiece model")
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError
-            raise Llama2Error(f"{self.model_path}: not a SentencePiece model ({e})") from None
+            raise Llama2Error(
+                f"{self.model_path}: not a SentencePiece model ({one_line(e, 100)})"
+            ) from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.pad_id = self.sp.pad_id()  # -1 in Llama 2: there is no padding token
+        if not (0 <= self.bos_id < self.vocab_size and 0 <= self.eos_id < self.vocab_size):
+            raise Llama2Error(
+                f"{self.model_path}: the tokenizer has no BOS or EOS piece (bos_id "
+                f"{self.bos_id}, eos_id {self.eos_id}), which Llama 2 needs"
+            )
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text)

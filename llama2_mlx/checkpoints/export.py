@@ -23,6 +23,7 @@ from llama2_mlx.checkpoints.load import load_folder
 from llama2_mlx.errors import Llama2Error, one_line
 from llama2_mlx.io.atomic import atomic_dir
 from llama2_mlx.io.hub import PathLike, resolve
+from llama2_mlx.io.readers import exists, is_dir, is_regular
 from llama2_mlx.models.model import Transformer
 
 MAX_SHARD_BYTES = 5 << 30  # split saved weights into files of at most ~5 GB
@@ -99,12 +100,12 @@ def save_model(
     is replaced only if it is empty or a model folder. Returns the folder.
     """
     out = Path(out_dir).expanduser().absolute()
-    if out.exists():
-        if not out.is_dir():
+    if exists(out):
+        if not is_dir(out):
             raise Llama2Error(f"{out}: exists and is not a folder")
         if any(out.iterdir()) and not (out / "config.json").is_file():
             raise Llama2Error(f"{out}: not empty and not a model folder; refusing to overwrite it")
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+    if tokenizer_path is not None and not is_regular(tokenizer_path):
         raise Llama2Error(f"{tokenizer_path}: tokenizer model not found")
     found = _quantization_of(model)
     if quantization and not found:

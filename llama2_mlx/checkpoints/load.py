@@ -20,6 +20,7 @@ file and tensor. Repo ids are resolved in ``io.hub``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,19 +33,22 @@ from mlx.utils import tree_unflatten
 from llama2_mlx.chat.tokenizer import Tokenizer
 from llama2_mlx.errors import Llama2Error, one_line
 from llama2_mlx.formats.pth import TensorData, read_pth
-from llama2_mlx.formats.safetensors import read_safetensors
+from llama2_mlx.formats.safetensors import read_safetensors, safetensors_header
 from llama2_mlx.formats.weights import (
     IGNORED_HF_SUFFIXES,
     IGNORED_META,
     cast,
+    check_dtypes,
     check_state_dict,
+    expected_shapes,
     from_meta_rows,
+    parameter_count,
     parameter_shapes,
     parse_dtype,
     weight_table,
 )
 from llama2_mlx.io.hub import PathLike, resolve
-from llama2_mlx.io.readers import read_json
+from llama2_mlx.io.readers import exists, file_in, inside, is_regular, read_json
 from llama2_mlx.models.lora import load_adapters
 from llama2_mlx.models.model import ModelArgs, Transformer
 
@@ -59,10 +63,27 @@ def _args_from(params: dict, where: Path) -> ModelArgs:
 
 def _check_table(model: Transformer) -> None:
     """The table must name exactly the parameters of the (unquantized) model."""
-    table = {w.internal for w in weight_table(model.args.n_layers)}
-    params = set(parameter_shapes(model))
+    params, table = parameter_shapes(model), expected_shapes(model.args)
     if table != params:  # a programming error, not bad input
-        raise AssertionError(f"weight table out of date: {sorted(table ^ params)[:4]}")
+        raise AssertionError(f"weight table out of date: {sorted(set(table) ^ set(params))[:4]}")
+
+
+def _check_declared(declared: dict, args: ModelArgs, config_file: Path, where, sources: dict,
+                    what: str) -> None:
+    """The tensors the files' headers declare (nothing read yet) against the model the
+    config describes: names and shapes, so that no byte is allocated for a config the
+    weights do not match (a huge config over tiny files, a lying header)."""
+    try:
+        check_state_dict(declared, expected_shapes(args), where, sources=sources, what=what)
+    except Llama2Error as e:
+        implied = parameter_count(args)
+        held = sum(math.prod(t.shape) for t in declared.values())
+        if implied == held:
+            raise
+        raise Llama2Error(
+            f"{e} ({config_file.name} describes {implied:,} parameters, the weight files "
+            f"hold {held:,})"
+        ) from None
 
 
 @dataclass
@@ -78,7 +99,7 @@ class Loaded:
 
     @property
     def tokenizer(self) -> Optional[Path]:
-        return next((p for p in self.tokenizer_candidates if p.is_file()), None)
+        return next((p for p in self.tokenizer_candidates if is_regular(p)), None)
 
 
 # ----------------------------------------------------------------------------- Meta layout
@@ -88,30 +109,30 @@ def _meta_shards(folder: Path) -> list[Path]:
     shards = sorted(folder.glob("consolidated.*.pth"))
     want = [folder / f"consolidated.{i:02d}.pth" for i in range(len(shards))]
     if shards != want:
-        names = ", ".join(p.name for p in shards)
+        names = ", ".join(p.name for p in shards[:8])
         raise Llama2Error(
             f"{folder}: Meta shards must be consolidated.00.pth .. "
             f"consolidated.{len(shards) - 1:02d}.pth; found {names}"
         )
-    return shards
+    return [inside(p, folder) for p in shards]
 
 
 def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
     params_file = folder / "params.json"
     params = read_json(params_file)
     shard_files = _meta_shards(folder)
-    shards = [read_pth(p) for p in shard_files]
+    shards = [read_pth(p) for p in shard_files]  # views of the files: nothing read yet
     n = len(shards)
 
     emb = shards[0].get("tok_embeddings.weight")
     if emb is None:
         raise Llama2Error(f"{shard_files[0]}: tensor tok_embeddings.weight is missing")
+    if len(emb.shape) != 2:
+        raise Llama2Error(f"{shard_files[0]}: tensor tok_embeddings.weight has shape "
+                          f"{emb.shape}, not (vocab, dim)")
     if params.get("vocab_size", -1) in (-1, None):  # Meta leaves it to the tokenizer
         params = {**params, "vocab_size": emb.shape[0]}
     args = _args_from(params, params_file)
-    model = Transformer(args)
-    _check_table(model)
-    expected = parameter_shapes(model)
 
     table = weight_table(args.n_layers)
     known = {w.meta for w in table} | IGNORED_META
@@ -123,7 +144,13 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
                     f"{params_file.name} describes it)"
                 )
 
-    weights: dict[str, mx.array] = {}
+    # Every shape and dtype is checked against params.json before any tensor is read.
+    expected = expected_shapes(args)
+    implied, held = parameter_count(args), sum(
+        t.array.size for shard in shards for k, t in shard.items() if k not in IGNORED_META)
+    context = (f" ({params_file.name} describes {implied:,} parameters, the shards hold "
+               f"{held:,})" if implied != held else "")
+    plan = []
     for w in table:
         internal, meta, spec = w.internal, w.meta, w.spec
         full = expected[internal]
@@ -138,25 +165,34 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
         for file, shard in zip(shard_files, shards):
             t = shard.get(meta)
             if t is None:
-                raise Llama2Error(f"{file}: tensor {meta} is missing")
+                raise Llama2Error(f"{file}: tensor {meta} is missing{context}")
             if t.shape != tuple(part):
                 raise Llama2Error(
                     f"{file}: tensor {meta} has shape {t.shape}, expected {tuple(part)} "
-                    f"from {params_file.name}" + (f" and {n} shards" if n > 1 else "")
+                    f"from {params_file.name}" + (f" and {n} shards" if n > 1 else "") + context
                 )
+            check_dtypes({meta: t}, file)
             if pieces and t.dtype != pieces[0].dtype:
                 raise Llama2Error(
                     f"{file}: tensor {meta} is {t.dtype}, but {pieces[0].dtype} in shard 00"
                 )
             pieces.append(t)
+        plan.append((w, pieces))
+
+    model = Transformer(args)
+    _check_table(model)
+    weights: dict[str, mx.array] = {}
+    for w, pieces in plan:
+        spec = w.spec
         if spec.meta_axis is None or n == 1:
             arr = pieces[0].array
         else:
             arr = np.concatenate([p.array for p in pieces], axis=spec.meta_axis)
         arr = from_meta_rows(arr, spec, args)
-        weights[internal] = cast(TensorData(arr, pieces[0].dtype).to_mx(), dtype)
-        mx.eval(weights[internal])  # one tensor at a time: no second copy of the model
+        weights[w.internal] = cast(TensorData(arr, pieces[0].dtype).to_mx(), dtype)
+        mx.eval(weights[w.internal])  # one tensor at a time: no second copy of the model
         del arr, pieces
+    plan.clear()
 
     model.update(tree_unflatten(list(weights.items())))
     mx.eval(model.parameters())
@@ -172,84 +208,146 @@ def _load_meta(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
 
 def _hf_weight_files(folder: Path) -> tuple[list[Path], str]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    if is_regular(index):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise Llama2Error(f"{index}: no weight_map")
-        files = [folder / f for f in sorted(set(weight_map.values()))]
+        names = list(weight_map.values())
+        for name in names:
+            if not isinstance(name, str):
+                raise Llama2Error(
+                    f"{index}: weight_map value {one_line(repr(name), 40)} is not a file name"
+                )
+        files = [file_in(folder, f, f"{index}: weight_map") for f in sorted(set(names))]
         for f in files:
-            if not f.is_file():
+            if not exists(f):
                 raise Llama2Error(f"{index}: lists {f.name}, which is missing")
         return files, "safetensors"
     files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if files:
-        return files, "safetensors"
+        return [inside(f, folder) for f in files], "safetensors"
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:  # read with the safe reader; never unpickled by torch
-        return bins, "pth"
+        return [inside(f, folder) for f in bins], "pth"
     raise Llama2Error(f"{folder}: config.json but no *.safetensors weights")
 
 
-def _quantize_layer(path: str, module: nn.Module, quant: dict, weights: dict):
+def _quantize_layer(path: str, module: nn.Module, quant: dict, weights):
     """As mlx-lm: a per-layer entry wins; else quantize the layers saved with scales."""
     if path in quant:
         return quant[path]
     return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
 
-def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
-    config_file = folder / "config.json"
-    config = read_json(config_file)
-    if config.get("model_type", "llama") != "llama":
-        raise Llama2Error(f"{config_file}: model_type {config['model_type']!r} is not Llama")
-    if config.get("rope_scaling"):
-        raise Llama2Error(f"{config_file}: rope_scaling is not supported (Llama 2 has none)")
-    head_dim = config.get("head_dim")
-    if head_dim and "hidden_size" in config and "num_attention_heads" in config:
-        if head_dim * config["num_attention_heads"] != config["hidden_size"]:
-            raise Llama2Error(f"{config_file}: head_dim {head_dim} != hidden_size / heads")
+def _quantization(config: dict, config_file: Path) -> Optional[dict]:
+    """mlx-lm's ``quantization`` entry, checked (None: not quantized)."""
     quant = config.get("quantization")
-    if quant is None and config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
+    qc = config.get("quantization_config")
+    if quant is None and qc:
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
         raise Llama2Error(
-            f"{config_file}: quantized with {method}, which is not supported; "
+            f"{config_file}: quantization_config: quantized with {one_line(method, 40)}, which "
+            "is not supported; "
             "use a float checkpoint (and `llama2 convert -q` to quantize it)"
         )
-    args = _args_from(config, config_file)
+    if quant is None:
+        return None
+    ok = (isinstance(quant, dict) and quant.get("group_size") in (32, 64, 128)
+          and quant.get("bits") in (2, 3, 4, 5, 6, 8)
+          and isinstance(quant.get("mode", "affine"), str)
+          and all(isinstance(v, (bool, dict)) for k, v in quant.items()
+                  if k not in ("group_size", "bits", "mode")))
+    if not ok:
+        raise Llama2Error(
+            f"{config_file}: bad quantization entry {one_line(repr(quant), 80)} "
+            "(group_size 32, 64 or 128; bits 2, 3, 4, 5, 6 or 8)"
+        )
+    return quant
 
-    files, kind = _hf_weight_files(folder)
-    weights: dict[str, mx.array] = {}
+
+def _check_quantized_size(declared: dict, args: ModelArgs, bits: int, config_file: Path):
+    """A quantized model holds at least ``bits`` per parameter: a config describing a far
+    larger model than the files hold is refused before the model is built."""
+    held = sum(t.nbytes for t in declared.values())
+    least = parameter_count(args) * bits // 8
+    if held < least:
+        raise Llama2Error(
+            f"{config_file}: describes {parameter_count(args):,} parameters, at least "
+            f"{least:,} bytes at {bits} bits, but the weight files hold {held:,} bytes"
+        )
+
+
+def _hf_headers(files: list[Path], kind: str) -> tuple[dict, dict, dict]:
+    """(name -> declared tensor, name -> file, file -> what to read it with) from the
+    files' headers alone (``.bin`` files: memory-mapped views)."""
+    declared: dict = {}
     sources: dict[str, Path] = {}
+    opened: dict[Path, dict] = {}
     for f in files:
-        if kind == "safetensors":
-            part = read_safetensors(f)
-        else:
-            part = {k: v.to_mx() for k, v in read_pth(f).items()}
+        part = safetensors_header(f) if kind == "safetensors" else read_pth(f)
+        opened[f] = part
         for k, v in part.items():
             if k.endswith(IGNORED_HF_SUFFIXES):
                 continue
-            if k in weights:
+            if k in declared:
                 raise Llama2Error(f"{f}: tensor {k} is also in {sources[k].name}")
-            weights[k], sources[k] = v, f
-    if "lm_head.weight" not in weights and config.get("tie_word_embeddings"):
-        for k in [k for k in weights if k.startswith("model.embed_tokens.")]:
-            weights["lm_head." + k.split(".", 2)[2]] = weights[k]
+            declared[k], sources[k] = v, f
+    return declared, sources, opened
 
-    model = Transformer(args)
-    if quant is not None:
+
+def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
+    config_file = folder / "config.json"
+    config = read_json(config_file)
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+        raise Llama2Error(f"{config_file}: model_type {one_line(repr(model_type), 40)} is not Llama")
+    if config.get("rope_scaling"):
+        raise Llama2Error(f"{config_file}: rope_scaling is not supported (Llama 2 has none)")
+    quant = _quantization(config, config_file)
+    args = _args_from(config, config_file)
+
+    files, kind = _hf_weight_files(folder)
+    declared, sources, opened = _hf_headers(files, kind)
+    tied = "lm_head.weight" not in declared and bool(config.get("tie_word_embeddings"))
+    if tied and "model.embed_tokens.weight" in declared:
+        declared["lm_head.weight"] = declared["model.embed_tokens.weight"]
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
+    where = files[0] if len(files) == 1 else folder
+    what = f"a Llama 2 model as {config_file.name} describes it"
+    check_dtypes(declared, where, sources=sources)
+
+    if quant is None:
+        _check_declared(declared, args, config_file, where, sources, what)
+        model = Transformer(args)
+        _check_table(model)
+    else:
+        _check_quantized_size(declared, args, quant["bits"], config_file)
+        model = Transformer(args)
         try:
             nn.quantize(
-                model, group_size=int(quant["group_size"]), bits=int(quant["bits"]),
+                model, group_size=quant["group_size"], bits=quant["bits"],
                 mode=quant.get("mode", "affine"),
-                class_predicate=lambda p, m: _quantize_layer(p, m, quant, weights),
+                class_predicate=lambda p, m: _quantize_layer(p, m, quant, declared),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise Llama2Error(
                 f"{config_file}: bad quantization entry ({one_line(e, 80)})"
             ) from None
-    where = files[0] if len(files) == 1 else folder
-    check_state_dict(weights, parameter_shapes(model), where, sources=sources,
-                     what=f"a Llama 2 model as {config_file.name} describes it")
+        check_state_dict(declared, parameter_shapes(model), where, sources=sources, what=what)
+
+    # Only now is a tensor byte read: each file's tensors, whose sizes are all checked.
+    weights: dict[str, mx.array] = {}
+    for f, part in opened.items():
+        if kind == "safetensors":
+            arrays = read_safetensors(f)
+        else:
+            arrays = {k: v.to_mx() for k, v in part.items()}
+        for k, v in arrays.items():
+            if k in declared:
+                weights[k] = v
+    opened.clear()
+    if tied and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     model.update(tree_unflatten([(k, cast(v, dtype)) for k, v in weights.items()]))
     mx.eval(model.parameters())
     return Loaded(
@@ -264,9 +362,9 @@ def _load_hf(folder: Path, dtype: Optional[mx.Dtype]) -> Loaded:
 def load_folder(folder: Path, dtype=None) -> Loaded:
     """The model in a local checkpoint folder of any layout (Meta, HF, ours)."""
     dtype = parse_dtype(dtype)
-    if (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth")):
+    if is_regular(folder / "params.json") and any(folder.glob("consolidated.*.pth")):
         return _load_meta(folder, dtype)
-    if (folder / "config.json").is_file():
+    if is_regular(folder / "config.json"):
         return _load_hf(folder, dtype)
     raise Llama2Error(
         f"{folder}: not a checkpoint folder (expected params.json + consolidated.*.pth, "

@@ -6,6 +6,7 @@ pairs), come from the one weight table in ``weights.py``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,9 +15,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from llama2_mlx.chat.tokenizer import CHAT_TEMPLATE
-from llama2_mlx.errors import Llama2Error
-from llama2_mlx.formats.weights import from_meta_rows, to_meta_rows, weight_table
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.formats.weights import expected_shapes, from_meta_rows, to_meta_rows, weight_table
 from llama2_mlx.io.atomic import atomic_file
+from llama2_mlx.io.readers import check_regular
 
 
 def sentencepiece_vocab(tokenizer_path) -> tuple[list[bytes], list[float], list[int], dict]:
@@ -103,32 +105,51 @@ def write_gguf(model, path, tokenizer_path, dtype: str = "f16") -> Path:
 
 def read_gguf(path) -> tuple[dict, dict[str, mx.array]]:
     """``(ModelArgs fields, internal name -> array)`` from a GGUF file written by
-    ``write_gguf`` (for checks): names and q/k rows mapped back through the table."""
+    ``write_gguf`` (for checks): names and q/k rows mapped back through the table.
+    A file that is not such a GGUF is one ``Llama2Error`` line naming it."""
     import gguf
 
-    r = gguf.GGUFReader(str(path))
+    from llama2_mlx.formats.config import check_fields
+
+    check_regular(path)
+    try:
+        r = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError, struct.error, KeyError...
+        raise Llama2Error(f"{path}: not a readable GGUF file ({one_line(e, 100)})") from None
 
     def field(key):
-        f = r.fields[key]
-        return f.parts[f.data[0]].tolist()[0]
+        f = r.fields.get(key)
+        try:
+            value = f.parts[f.data[0]].tolist()[0]
+        except (AttributeError, IndexError, TypeError):
+            raise Llama2Error(f"{path}: no usable {key} field") from None
+        return value
 
-    args = dict(
-        dim=field("llama.embedding_length"), n_layers=field("llama.block_count"),
-        n_heads=field("llama.attention.head_count"),
-        n_kv_heads=field("llama.attention.head_count_kv"),
-        vocab_size=field("llama.vocab_size"), hidden_dim=field("llama.feed_forward_length"),
-        norm_eps=field("llama.attention.layer_norm_rms_epsilon"),
-        rope_theta=field("llama.rope.freq_base"), max_seq_len=field("llama.context_length"),
+    keys = dict(
+        dim="llama.embedding_length", n_layers="llama.block_count",
+        n_heads="llama.attention.head_count", n_kv_heads="llama.attention.head_count_kv",
+        vocab_size="llama.vocab_size", hidden_dim="llama.feed_forward_length",
+        norm_eps="llama.attention.layer_norm_rms_epsilon", rope_theta="llama.rope.freq_base",
+        max_seq_len="llama.context_length",
     )
-    heads = SimpleNamespace(**args)
+    args = {name: field(key) for name, key in keys.items()}
+    try:
+        check_fields(args, keys)
+    except ValueError as e:
+        raise Llama2Error(f"{path}: {e}") from None
+    heads = SimpleNamespace(**args, head_dim=args["dim"] // args["n_heads"])
     by_gguf = {t.gguf: t for t in weight_table(args["n_layers"])}
+    want = expected_shapes(heads)
     weights = {}
     for t in r.tensors:
         w = by_gguf.get(t.name)
         if w is None:
-            raise Llama2Error(f"{path}: unexpected tensor {t.name}")
+            raise Llama2Error(f"{path}: unexpected tensor {one_line(t.name, 80)}")
         # GGUF lists dimensions fastest-first: reversed, they are numpy's shape.
-        arr = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        shape = tuple(reversed([int(n) for n in t.shape.tolist()]))
+        if shape != want[w.internal] or t.data.size != math.prod(shape):
+            raise Llama2Error(f"{path}: tensor {t.name} has shape {shape}, the header's sizes "
+                              f"make it {want[w.internal]}")
+        arr = np.array(t.data, dtype=np.float32).reshape(shape)
         weights[w.internal] = mx.array(from_meta_rows(arr, w.spec, heads))
     return args, weights
-

@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -33,7 +34,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import numpy as np
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.io.readers import open_regular
 
 # torch storage class name -> (numpy dtype of the raw bytes, mlx dtype of the tensor).
 # bfloat16 has no numpy dtype: its bytes are read as uint16 and viewed in MLX.
@@ -132,8 +134,14 @@ class TensorData(_Sealed):
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape)
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
     def to_mx(self) -> mx.array:
         a = np.ascontiguousarray(self.array)
+        if a.dtype.byteorder == ">":  # a big-endian file: swapped only now, when it is used
+            a = a.astype(a.dtype.newbyteorder("="))
         if self.dtype == mx.bfloat16:
             return mx.array(a.view(np.uint16)).view(mx.bfloat16)
         out = mx.array(a)
@@ -211,45 +219,62 @@ class _StorageReader:
 
     def __init__(self, path: Path, zf: zipfile.ZipFile, prefix: str, fh):
         self.path, self.zf, self.prefix, self.fh = path, zf, prefix, fh
+        self.size = os.fstat(fh.fileno()).st_size
         self._mm: Optional[mmap.mmap] = None
         self._cache: dict[str, np.ndarray] = {}
-        try:
-            order = zf.read(prefix + "byteorder").decode().strip()
-        except KeyError:
-            order = "little"
+        self._records: list[tuple[int, int, str]] = []  # (start, stop, key) in the file
+        self._spans: dict[int, tuple[str, int, int]] = {}  # id(tensor) -> (key, first, last)
+        order = "little"
+        if prefix + "byteorder" in zf.NameToInfo:
+            order = _small_record(path, zf, prefix + "byteorder").decode(errors="replace").strip()
         self.swap = order != "little"
 
-    def _record(self, key: str) -> memoryview | bytes:
+    def _record(self, key: str, nbytes: int) -> memoryview | bytes:
         name = f"{self.prefix}data/{key}"
         try:
             info = self.zf.getinfo(name)
         except KeyError:
             raise Llama2Error(f"{self.path}: storage record {name} is missing") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            return self.zf.read(name)
+        # torch.save stores tensor bytes raw. A compressed record could inflate to any
+        # size (a zip bomb), so it is refused rather than read.
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise Llama2Error(
+                f"{self.path}: storage record {name} is compressed; torch.save stores tensor "
+                "bytes uncompressed (re-save the checkpoint with torch.save)"
+            )
+        if nbytes < 0 or nbytes > self.size:
+            raise Llama2Error(
+                f"{self.path}: storage {key} claims {nbytes:,} bytes, the file has {self.size:,}"
+            )
         # The record is stored raw: find its bytes after the local file header.
         self.fh.seek(info.header_offset)
         head = self.fh.read(30)
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
             raise Llama2Error(f"{self.path}: corrupt zip entry {name}")
         n_name, n_extra = struct.unpack("<HH", head[26:30])
+        if self.fh.read(n_name) != info.orig_filename.encode("utf-8", "surrogateescape"):
+            raise Llama2Error(f"{self.path}: corrupt zip entry {name} (its local header "
+                              "names another record)")
         start = info.header_offset + 30 + n_name + n_extra
-        if start + info.file_size > os.fstat(self.fh.fileno()).st_size:
+        if start + info.file_size > self.size:
             raise Llama2Error(f"{self.path}: truncated (record {name} runs past the end)")
+        if info.file_size == 0:
+            return b""
         if self._mm is None:
             self._mm = mmap.mmap(self.fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._records.append((start, start + info.file_size, key))
         return memoryview(self._mm)[start : start + info.file_size]
 
     def _storage(self, st: _Storage) -> np.ndarray:
         cached = self._cache.get(st.key)
         if cached is not None:
             return cached
-        raw = self._record(st.key)
         itemsize = np.dtype(st.stype.np_dtype).itemsize
         nbytes = st.numel * itemsize
-        if len(raw) < nbytes:
+        raw = self._record(st.key, nbytes)
+        if len(raw) != nbytes:
             raise Llama2Error(
-                f"{self.path}: storage {st.key} holds {len(raw)} bytes, needs {nbytes}"
+                f"{self.path}: storage {st.key} holds {len(raw):,} bytes, its header says {nbytes:,}"
             )
         arr = np.frombuffer(raw, dtype=np.uint8, count=nbytes)
         self._cache[st.key] = arr
@@ -257,20 +282,27 @@ class _StorageReader:
 
     def tensor(self, st: _Storage, offset: int, size, stride, dtype: Optional[_StorageType]):
         stype = dtype or st.stype
-        if len(size) != len(stride) or offset < 0 or min(size, default=1) < 0:
-            raise Llama2Error(f"{self.path}: malformed tensor header")
+        if (len(size) != len(stride) or len(size) > _MAX_DIMS or offset < 0
+                or not all(0 <= n < 1 << 40 for n in size) or min(stride, default=0) < 0):
+            raise Llama2Error(f"{self.path}: malformed tensor header (storage {st.key})")
+        if not _dense(size, stride):
+            raise Llama2Error(
+                f"{self.path}: a tensor of storage {st.key} (shape {size}, strides {stride}) "
+                "repeats its elements (stride 0 or overlapping strides): not a weight"
+            )
         itemsize = np.dtype(stype.np_dtype).itemsize
         raw = self._storage(st)
         if raw.size % itemsize:
             raise Llama2Error(f"{self.path}: storage {st.key} is not a whole number of items")
-        flat = raw.view(stype.np_dtype)
-        if self.swap and itemsize > 1:
-            flat = flat.byteswap()
+        np_dtype = np.dtype(stype.np_dtype)
+        if self.swap and itemsize > 1:  # viewed big-endian; swapped when used (to_mx)
+            np_dtype = np_dtype.newbyteorder(">")
+        flat = raw.view(np_dtype)
         numel = math.prod(size)
         if numel == 0:
-            return TensorData(np.zeros(size, stype.np_dtype), stype.mx_dtype)
+            return TensorData(np.zeros(size, np_dtype), stype.mx_dtype)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if min(stride, default=0) < 0 or last >= flat.size:
+        if last >= flat.size:
             raise Llama2Error(f"{self.path}: tensor runs past its storage {st.key}")
         contiguous = all(
             s == math.prod(size[i + 1 :]) for i, (n, s) in enumerate(zip(size, stride)) if n > 1
@@ -281,7 +313,81 @@ class _StorageReader:
             arr = np.lib.stride_tricks.as_strided(
                 flat[offset:], shape=size, strides=[s * itemsize for s in stride], writeable=False
             )
-        return TensorData(arr, stype.mx_dtype)
+        out = TensorData(arr, stype.mx_dtype)
+        self._spans[id(out)] = (st.key, offset * itemsize, (last + 1) * itemsize)
+        return out
+
+    def check_no_sharing(self, tensors: dict[str, "TensorData"]) -> None:
+        """Refuse storage bytes that serve two tensors, or two records: a file must hold
+        every byte of the weights it declares (no view reuses another's elements)."""
+        spans = sorted((*self._spans[id(t)], name) for name, t in tensors.items()
+                       if id(t) in self._spans)
+        last = ("", 0, 0, "")  # the span reaching furthest so far
+        for span in spans:
+            if span[0] == last[0] and span[1] < last[2]:
+                raise Llama2Error(
+                    f"{self.path}: tensors {last[3]} and {span[3]} share storage bytes "
+                    f"(storage {span[0]}); each weight must have its own"
+                )
+            if span[0] != last[0] or span[2] > last[2]:
+                last = span
+        end, previous = 0, ""
+        for start, stop, key in sorted(self._records):
+            if start < end:
+                raise Llama2Error(
+                    f"{self.path}: storage records {previous} and {key} overlap in the file "
+                    "(corrupt zip)"
+                )
+            if stop > end:
+                end, previous = stop, key
+
+
+_MAX_DIMS = 8
+MAX_PICKLE_BYTES = 16 << 20  # data.pkl of a 70B shard is well under 1 MB
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _prescan(path: Path, data: bytes) -> None:
+    """Walk the pickle's opcodes before it runs: a memo index far past the pickle's size
+    (``LONG_BINPUT 2**31``, 13 bytes) would make the unpickler allocate gigabytes."""
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in _MEMO_PUTS and not 0 <= int(arg) <= len(data):
+                raise Llama2Error(f"{path}: corrupt pickle (memo index {arg})")
+            if op.name == "STOP":
+                return
+    except (ValueError, TypeError) as e:
+        raise Llama2Error(f"{path}: not a PyTorch checkpoint (corrupt pickle: "
+                          f"{one_line(e, 60)})") from None
+
+
+def _dense(size, stride) -> bool:
+    """Whether no two indices of the view (size, stride) address the same element."""
+    dims = sorted((s, n) for n, s in zip(size, stride) if n > 1)
+    extent = 1
+    for s, n in dims:
+        if s < extent:
+            return False
+        extent = s * n
+    return True
+
+
+def _small_record(path: Path, zf: zipfile.ZipFile, name: str) -> bytes:
+    """A metadata record (data.pkl, byteorder) of at most MAX_PICKLE_BYTES, read bounded."""
+    info = zf.getinfo(name)
+    if info.file_size > MAX_PICKLE_BYTES:
+        raise Llama2Error(
+            f"{path}: record {name} is {info.file_size:,} bytes (at most {MAX_PICKLE_BYTES:,})"
+        )
+    try:
+        with zf.open(info) as f:
+            data = f.read(MAX_PICKLE_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError,
+            RuntimeError, ValueError) as e:
+        raise Llama2Error(f"{path}: corrupt record {name} ({one_line(e, 80)})") from None
+    if len(data) > MAX_PICKLE_BYTES:
+        raise Llama2Error(f"{path}: record {name} inflates past {MAX_PICKLE_BYTES:,} bytes")
+    return data
 
 
 def _refusal(path: Path, what: str) -> Llama2Error:
@@ -292,6 +398,7 @@ def _refusal(path: Path, what: str) -> Llama2Error:
 
 def _scan_plain_pickle(path: Path, data: bytes) -> Llama2Error:
     """A non-zip file: unpickle safely only to say what it is (legacy or hostile)."""
+    _prescan(path, data)
     up = _SafeUnpickler(io.BytesIO(data), path, None)  # type: ignore[arg-type]
     up.persistent_load = lambda pid: None  # legacy storages: never reached for data
     try:
@@ -315,31 +422,26 @@ def read_pth(path: str | os.PathLike) -> dict[str, TensorData]:
     Raises ``Llama2Error`` naming the file for anything that is not plain tensor data.
     """
     path = Path(path)
-    try:
-        fh = open(path, "rb")
-    except OSError as e:
-        raise Llama2Error(f"{path}: cannot open ({e.strerror})") from None
+    fh = open_regular(path)
     try:
         magic = fh.read(4)
         if magic != b"PK\x03\x04":
             if magic[:1] == b"\x80":
                 fh.seek(0)
-                raise _scan_plain_pickle(path, fh.read())
+                raise _scan_plain_pickle(path, fh.read(MAX_PICKLE_BYTES))
             raise Llama2Error(f"{path}: not a PyTorch checkpoint")
         fh.seek(0)
         try:
             zf = zipfile.ZipFile(fh)
-        except (zipfile.BadZipFile, OSError, ValueError):
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error):
             raise Llama2Error(f"{path}: truncated or corrupt zip archive") from None
         pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
         if len(pkls) != 1:
             raise Llama2Error(f"{path}: no data.pkl record: not a torch.save checkpoint")
         prefix = pkls[0][: -len("data.pkl")]
-        try:
-            pkl = zf.read(pkls[0])
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise Llama2Error(f"{path}: corrupt data.pkl ({e})") from None
+        pkl = _small_record(path, zf, pkls[0])
         reader = _StorageReader(path, zf, prefix, fh)
+        _prescan(path, pkl)
         up = _SafeUnpickler(io.BytesIO(pkl), path, reader)
         try:
             obj = up.load()
@@ -365,8 +467,13 @@ def read_pth(path: str | os.PathLike) -> dict[str, TensorData]:
     out: dict[str, TensorData] = {}
     for k, v in obj.items():
         if not isinstance(v, TensorData) or not isinstance(v.array, np.ndarray):
-            raise Llama2Error(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise Llama2Error(
+                f"{path}: entry {one_line(repr(k), 60)} is a {type(v).__name__}, not a tensor"
+            )
+        if str(k) in out:
+            raise Llama2Error(f"{path}: tensor {one_line(str(k), 60)} appears twice")
         out[str(k)] = v
+    reader.check_no_sharing(out)
     return out
 
 

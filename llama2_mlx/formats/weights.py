@@ -80,6 +80,30 @@ def weight_table(n_layers: int) -> list[Weight]:
     return out
 
 
+def _spec_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Internal name pattern -> shape, for ``args`` (a ModelArgs)."""
+    d, v, f = args.dim, args.vocab_size, args.hidden_dim
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = [(v, d), (q, d), (kv, d), (kv, d), (d, q), (f, d), (d, f), (f, d), (d,), (d,), (d,),
+              (v, d)]
+    return {spec.internal: shape for spec, shape in zip(WEIGHTS, shapes)}
+
+
+def expected_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Internal name -> shape of every weight of the (unquantized) model ``args`` describes,
+    worked out from the sizes alone: nothing is allocated."""
+    by_spec = _spec_shapes(args)
+    return {w.internal: by_spec[w.spec.internal] for w in weight_table(args.n_layers)}
+
+
+def parameter_count(args) -> int:
+    """How many parameters the (unquantized) model ``args`` describes (arithmetic only)."""
+    total = 0
+    for name, shape in _spec_shapes(args).items():
+        total += int(np.prod(shape, dtype=object)) * (args.n_layers if "{i}" in name else 1)
+    return total
+
+
 def meta_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Permute q/k rows from Meta's interleaved RoPE pairs to the rotate-half order.
 
@@ -147,14 +171,38 @@ def check_state_dict(
         if missing:
             more = f" ({len(missing)} missing)" if len(missing) > 1 else ""
             raise Llama2Error(f"{where}: tensor {missing[0]} is missing{more}")
-    for name, a in weights.items():
-        src = sources.get(name, where)
+    for name in weights:
         if name not in expected:
-            raise Llama2Error(f"{src}: unexpected tensor {name} (not a parameter of {what})")
-        shape = tuple(a.shape)
-        if shape != tuple(expected[name]):
             raise Llama2Error(
-                f"{src}: tensor {name} has shape {shape}, the model expects {tuple(expected[name])}"
+                f"{sources.get(name, where)}: unexpected tensor {name} (not a parameter of {what})"
+            )
+    for name, want in expected.items():  # in the model's order: the first layer's first
+        a = weights.get(name)
+        if a is not None and tuple(a.shape) != tuple(want):
+            raise Llama2Error(
+                f"{sources.get(name, where)}: tensor {name} has shape {tuple(a.shape)}, the "
+                f"model expects {tuple(want)}"
+            )
+
+
+_MX_NAMES = {mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", mx.uint32: "U32"}
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+def check_dtypes(weights: Mapping[str, object], where: PathLike, *,
+                 sources: Optional[Mapping[str, PathLike]] = None) -> None:
+    """Every weight must be float16, bfloat16 or float32, except the packed matrices of
+    quantized layers (``<layer>.weight`` beside ``<layer>.scales``): uint32. ``weights``
+    may be arrays or declared tensors (a safetensors dtype name, or an MLX dtype)."""
+    sources = sources or {}
+    for name, t in weights.items():
+        dtype = t.dtype if isinstance(t.dtype, str) else _MX_NAMES.get(t.dtype, str(t.dtype))
+        packed = name.endswith(".weight") and name[: -len("weight")] + "scales" in weights
+        allowed = ("U32",) if packed else FLOAT_DTYPES
+        if dtype not in allowed:
+            raise Llama2Error(
+                f"{sources.get(name, where)}: tensor {name} is {dtype}, not "
+                f"{' or '.join(allowed)}"
             )
 
 

@@ -18,14 +18,25 @@ from typing import Any, Iterable, Iterator, Optional
 
 import mlx.core as mx
 
+from llama2_mlx.errors import Llama2Error, one_line
+
+
+def _cannot_write(path: Path, e: OSError) -> Llama2Error:
+    s = str(path)
+    shown = s if len(s) <= 200 else f"{s[:150]}... ({len(s):,} characters)"
+    return Llama2Error(f"{shown}: cannot write ({e.strerror or one_line(e, 80)})")
+
 
 @contextmanager
 def atomic_file(path, suffix: str = ".tmp") -> Iterator[str]:
     """A temporary file name beside ``path`` for the block to write; renamed onto ``path``
     when the block succeeds, removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     os.close(fd)
     try:
         yield tmp
@@ -42,8 +53,11 @@ def atomic_dir(path) -> Iterator[Path]:
     the block succeeds (an existing folder is renamed aside first, so a complete one is
     always there) and is removed when it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         yield tmp
         if path.exists():

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
+from llama2_mlx.formats.weights import check_dtypes, check_state_dict, parameter_shapes
 from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -218,16 +218,21 @@ def save_adapters(model: nn.Module, adapter_path, config: LoRAConfig, **extra) -
 
 def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
     """(fine_tune_type, LoRAConfig) from an adapter folder written by us or mlx-lm."""
-    from llama2_mlx.io.readers import read_json
+    from llama2_mlx.io.readers import exists, read_json
 
     path = Path(adapter_path) / ADAPTER_CONFIG
-    if not path.is_file():
+    if not exists(path):
         raise Llama2Error(f"--adapter-path: {path} not found")
     cfg = read_json(path)
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "full"):
         raise Llama2Error(f"{path}: fine_tune_type '{kind}' is not supported (lora or full)")
     params = cfg.get("lora_parameters") or {}
+    if not isinstance(params, dict):
+        raise Llama2Error(f"{path}: lora_parameters is not an object")
+    if kind == "lora" and "scale" not in params:
+        raise Llama2Error(f"{path}: lora_parameters has no 'scale'")
+    _check_adapter_fields(params, cfg, path)
     try:
         config = LoRAConfig(
             rank=int(params.get("rank", LoRAConfig.rank)),
@@ -236,31 +241,60 @@ def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
             keys=tuple(params.get("keys") or DEFAULT_KEYS),
             num_layers=int(cfg.get("num_layers", LoRAConfig.num_layers)),
         )
-    except KeyError as e:
-        raise Llama2Error(f"{path}: lora_parameters has no {e}") from None
     except (TypeError, ValueError) as e:
         raise Llama2Error(f"{path}: bad lora_parameters ({e})") from None
     return kind, config
 
 
+MAX_RANK = 1 << 14
+
+
+def _check_adapter_fields(params: dict, cfg: dict, path: Path) -> None:
+    """Types and ranges of an adapter_config.json, each error naming the key."""
+    def bad(key, value, what):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise Llama2Error(f"{path}: {key} = {shown}: {what}")
+
+    def number(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+    rank = params.get("rank", 8)
+    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+        bad("rank", rank, f"must be an integer from 1 to {MAX_RANK}")
+    for key, low, high in (("scale", -1e6, 1e6), ("dropout", 0.0, 0.999999)):
+        v = params.get(key, 0.0)
+        if not number(v) or not low <= v <= high:
+            bad(key, v, f"must be a number from {low:g} to {high:g}")
+    keys = params.get("keys")
+    if keys is not None and (not isinstance(keys, list) or len(keys) > 64 or not all(
+            isinstance(k, str) and 0 < len(k) <= 200 for k in keys)):
+        bad("keys", keys, "must be a list of projection names")
+    n = cfg.get("num_layers", -1)
+    if type(n) is not int or not -1 <= n <= 1 << 12:
+        bad("num_layers", n, "must be -1 (all) or a number of layers")
+
+
 def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     """Apply the adapters in folder ``adapter_path`` (ours or mlx-lm's) to ``model`` in place."""
+    from llama2_mlx.formats.safetensors import read_safetensors, safetensors_header
+    from llama2_mlx.io.readers import exists
+
     kind, config = read_adapter_config(adapter_path)
     wfile = Path(adapter_path) / ADAPTER_WEIGHTS
-    if not wfile.exists():
+    if not exists(wfile):
         raise Llama2Error(f"--adapter-path: {wfile} not found")
-    from llama2_mlx.formats.safetensors import read_safetensors
-
-    weights = read_safetensors(wfile)
+    declared = safetensors_header(wfile)  # shapes checked before any byte is read
+    check_dtypes(declared, wfile)
     if kind == "lora":
         # mlx-lm adapts layers[-num_layers:], so a count above the depth means all layers.
         config.num_layers = min(config.num_layers, len(model.layers))
         apply_lora(model, config)
     if kind == "lora":  # exactly the LoRA matrices
         expected = {k: tuple(v.shape) for k, v in adapter_weights(model).items()}
-        check_state_dict(weights, expected, wfile, what="this model's LoRA layers")
+        check_state_dict(declared, expected, wfile, what="this model's LoRA layers")
     else:  # a full fine-tune saves every parameter it trained, a subset of the model's
-        check_state_dict(weights, parameter_shapes(model), wfile, partial=True)
+        check_state_dict(declared, parameter_shapes(model), wfile, partial=True)
+    weights = read_safetensors(wfile)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return model

@@ -16,6 +16,8 @@ from typing import Any, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from llama2_mlx.formats.config import HF_KEYS, check_fields, check_hf_config, check_value
+
 
 @dataclass
 class ModelArgs:
@@ -34,14 +36,10 @@ class ModelArgs:
     head_dim: int = field(init=False)
 
     def __post_init__(self):
+        # Every size type- and range-checked (ValueError): see formats/config.py.
+        check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init})
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
-            )
         self.head_dim = self.dim // self.n_heads
         if self.hidden_dim is None:
             # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
@@ -51,11 +49,16 @@ class ModelArgs:
             self.hidden_dim = self.multiple_of * (
                 (hidden + self.multiple_of - 1) // self.multiple_of
             )
+            check_value("hidden_dim", self.hidden_dim, "the FFN size from dim and multiple_of")
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
-        """Build from Meta's params.json or HF's config.json; unknown keys are ignored."""
+        """Build from Meta's params.json or HF's config.json; unknown keys are ignored.
+        A bad value is a ``ValueError`` naming the key as the file spells it."""
+        keys: dict[str, str] = {}
         if "hidden_size" in params:  # Hugging Face config.json
+            check_hf_config(params)
+            keys = HF_KEYS
             params = {
                 "dim": params["hidden_size"],
                 "n_layers": params["num_hidden_layers"],
@@ -69,6 +72,8 @@ class ModelArgs:
             }
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         kwargs = {k: v for k, v in params.items() if k in names and v is not None}
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        check_fields({**defaults, **kwargs}, keys)
         return cls(**kwargs)
 
     def to_hf_config(self) -> dict[str, Any]:

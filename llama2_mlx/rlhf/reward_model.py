@@ -7,7 +7,6 @@ Importable from ``reward`` as well, which adds the training on top.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,10 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, one_line
 from llama2_mlx.formats.safetensors import read_safetensors
 from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.hub import reference
+from llama2_mlx.io.readers import exists, read_json
 from llama2_mlx.models.cache import common_prefix_length, fork, make_cache
 from llama2_mlx.models.model import LlamaModel, ModelArgs, Transformer, eval_mode
 from llama2_mlx.rlhf.reward_data import (
@@ -234,15 +234,16 @@ def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: s
 def read_reward_config(path) -> dict:
     """The ``reward_config.json`` of a reward model folder."""
     f = Path(path) / CONFIG_NAME
-    try:
-        config = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise Llama2Error(f"{path}: not a reward model folder (no {CONFIG_NAME})") from None
-    except json.JSONDecodeError as e:
-        raise Llama2Error(f"{f} line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not exists(f):
+        raise Llama2Error(f"{path}: not a reward model folder (no {CONFIG_NAME})")
+    config = read_json(f)
     for key in ("base_model", "fine_tune_type"):
-        if key not in config:
-            raise Llama2Error(f"{f}: has no {key!r}")
+        if not isinstance(config.get(key), str):
+            raise Llama2Error(f"{f}: has no {key!r} (a string)")
+    for key in ("dim", "max_seq_len"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or not 1 <= value <= 1 << 24):
+            raise Llama2Error(f"{f}: {key} = {one_line(repr(value), 40)} is not a size")
     return config
 
 

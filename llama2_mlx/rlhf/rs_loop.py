@@ -19,7 +19,7 @@ from llama2_mlx.chat.records import read_prompts
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.progress import log_stderr
-from llama2_mlx.io.readers import read_jsonl
+from llama2_mlx.io.readers import read_json, read_jsonl
 from llama2_mlx.rlhf.rejection import (
     RSConfig,
     greedy_rewards,
@@ -129,7 +129,7 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     f = out / SETTINGS_FILE
     if not f.exists() or not (out / SUMMARY_FILE).exists():
         raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
-    diff = list(_differences(json.loads(f.read_text()), settings))
+    diff = list(_differences(read_json(f), settings))
     if diff:
         raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
                           "use the same options, or a new --out")

@@ -16,8 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.formats.safetensors import read_safetensors
 from llama2_mlx.io.atomic import atomic_dir
+from llama2_mlx.io.readers import read_json
 
 PARAMS_FILE = "params.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -61,11 +63,22 @@ def load_checkpoint(root) -> tuple[Path, dict[str, mx.array], dict, dict]:
     if not found:
         raise Llama2Error(f"--resume: no checkpoint found in {root}")
     path = found[-1]
-    try:
-        params = mx.load(str(path / PARAMS_FILE))
-        opt = mx.load(str(path / OPTIMIZER_FILE))
-        with open(path / STATE_FILE) as f:
-            state = json.load(f)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise Llama2Error(f"{path}: unreadable checkpoint ({e})") from None
+    # Checked readers: the header of each file before its bytes, regular files only.
+    params = read_safetensors(path / PARAMS_FILE)
+    opt = read_safetensors(path / OPTIMIZER_FILE)
+    state = read_json(path / STATE_FILE)
+    _check_state(state, path / STATE_FILE)
     return path, params, opt, state
+
+
+def _check_state(state: dict, where: Path) -> None:
+    """The shape of ``state.json`` that resuming relies on."""
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        raise Llama2Error(f"{where}: step = {one_line(repr(step), 40)} is not a step number")
+    if not isinstance(state.get("fingerprint"), dict):
+        raise Llama2Error(f"{where}: no fingerprint of the run's settings")
+    for key in ("train_losses", "learning_rates", "val_losses"):
+        value = state.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(x, list) for x in value):
+            raise Llama2Error(f"{where}: {key} is not a list of [step, value] pairs")

@@ -12,7 +12,6 @@ a ``--config`` file (YAML or JSON) and the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import mlx.nn as nn
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.progress import log_stderr
+from llama2_mlx.io.readers import exists, is_dir, read_options
 from llama2_mlx.models.lora import (
     LoRAConfig,
     apply_lora,
@@ -76,17 +76,17 @@ class DataConfig:
         given = getattr(self, split)
         if given is not None:
             p = Path(given)
-            if not p.exists() and self.data is not None and (Path(self.data) / given).exists():
+            if not exists(p) and self.data is not None and exists(Path(self.data) / given):
                 p = Path(self.data) / given
-            if not p.exists():
+            if not exists(p):
                 raise Llama2Error(f"--{split}: {p} not found")
             return p
         if self.data is None:
             return None
-        if not Path(self.data).is_dir():
+        if not is_dir(self.data):
             raise Llama2Error(f"--data: {self.data} is not a folder")
         p = Path(self.data) / f"{split}.jsonl"
-        return p if p.exists() else None
+        return p if exists(p) else None
 
 
 @dataclass
@@ -217,31 +217,12 @@ def _apply(values: dict, layer: dict, where: str) -> None:
 
 
 def read_config_file(path) -> dict:
-    """The options of a YAML or JSON config file (a mapping of option names)."""
+    """The options of a YAML or JSON config file (a mapping of option names), read with
+    ``io.readers.read_options`` (bounded, no YAML aliases)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise Llama2Error(f"--config: {path} not found") from None
-    if path.suffix == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise Llama2Error(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
-    else:
-        import yaml
-
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise Llama2Error(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise Llama2Error(f"{path}: expected a mapping of option names to values")
-    return values
+    if not exists(path):
+        raise Llama2Error(f"--config: {path} not found")
+    return read_options(path)
 
 
 def sft_loss(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
