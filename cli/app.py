@@ -44,4 +44,22 @@ def _options(
 
 
 def main() -> None:
+    from llama2_mlx.io.distributed import launched_backend
+
+    if launched_backend() is not None:  # started by mlx.launch: join the other ranks first
+        _start_distributed()
     app()
+
+
+def _start_distributed() -> None:
+    from cli.common import cli_errors
+    from llama2_mlx.io.distributed import start
+
+    try:
+        cli_errors(start)()
+    except Exception as e:  # typer.Exit from cli_errors: the error line is printed
+        raise SystemExit(getattr(e, "exit_code", 2)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.distributed import world
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.models.lora import (
     DEFAULT_KEYS,
@@ -249,6 +250,7 @@ def lora_train(
     has (``lora_config`` describes them) are trained further; else new ones are added
     (``opts.rank`` ...). ``description`` labels the progress bar.
     """
+    log = world().main_only(log)  # under mlx.launch rank 0 alone logs and writes
     # Check the options before the (slow) model load.
     lora_cfg = LoRAConfig(opts.rank, opts.scale, opts.dropout, resolve_keys(opts.keys),
                           opts.num_layers)
@@ -317,7 +319,7 @@ def lora_train(
     )
     out = SFTResult(result, adapter_path, data)
     if "test" in splits:
-        out.test_loss, n = evaluate(model, sft_loss, splits["test"](0))
+        out.test_loss, n = evaluate(model, sft_loss, splits["test"](0), world=world())
         log(f"test loss {out.test_loss:.4f}, perplexity {out.test_ppl:.3f} ({n:,} target tokens)")
     log(f"adapters written to {adapter_path}")
     return out
