@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from llama2_mlx.errors import Llama2Error, one_line
 
@@ -249,9 +249,10 @@ class World:
                         out[j] = summed[start:start + a.size].reshape(a.shape)
                         start += a.size
                     bucket, nbytes = [], 0
-        result = [(leaves[i][0], out[i]) for i in range(len(leaves))]
-        self._eval([a for _, a in result], what)
-        return tree_unflatten(result)
+        result = [out[i] for i in range(len(leaves))]
+        self._eval(result, what)
+        it = iter(result)  # tree_map visits the leaves in tree_flatten's order
+        return tree_map(lambda _: next(it), tree)
 
     def all_gather_objects(self, obj: Any, what: str = "an exchange between ranks") -> list:
         """Every rank's ``obj`` (JSON-serialisable), in rank order, on every rank."""
@@ -289,9 +290,7 @@ class World:
 
 
 def _zeros_like(tree):
-    if isinstance(tree, mx.array):
-        return mx.zeros_like(tree)
-    return tree_unflatten([(k, mx.zeros_like(v)) for k, v in tree_flatten(tree)])
+    return mx.zeros_like(tree) if isinstance(tree, mx.array) else tree_map(mx.zeros_like, tree)
 
 
 SINGLE = World()
