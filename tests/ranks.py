@@ -96,9 +96,9 @@ class Ranks:
 
 
 def spawn(args: Sequence[str], cwds: Sequence[Path], *, env: Optional[dict] = None,
-          command: Sequence[str] = CLI) -> Ranks:
-    """Start ``command + args`` as ranks 0..n-1 of one ring group (rank r in ``cwds[r]``);
-    each rank's stdout and stderr go to ``cwds[r]/rank.log``."""
+          command: Sequence[str] = CLI, only: Optional[Sequence[int]] = None) -> Ranks:
+    """Start ``command + args`` as ranks 0..n-1 of one ring group (rank r in ``cwds[r]``;
+    ``only`` those ranks); each rank's stdout and stderr go to ``cwds[r]/rank.log``."""
     n = len(cwds)
     port = free_port(n)
     hostfile = Path(cwds[0]).parent / f"hosts-{uuid.uuid4().hex[:8]}.json"
@@ -106,6 +106,8 @@ def spawn(args: Sequence[str], cwds: Sequence[Path], *, env: Optional[dict] = No
     procs, logs = [], []
     try:
         for r, cwd in enumerate(cwds):
+            if only is not None and r not in only:
+                continue
             log = Path(cwd) / "rank.log"
             e = dict(env or environment(), MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile))
             with open(log, "w") as f:

@@ -299,3 +299,73 @@ def test_a_dead_or_hung_rank_stops_the_other_with_one_line(tmp_path, model_dir, 
     assert list_checkpoints(dirs[0] / "ad" / "checkpoints")
     path, params, _, state = load_checkpoint(dirs[0] / "ad" / "checkpoints")
     assert state["step"] >= 2 and all(np.isfinite(np.array(v)).all() for v in params.values())
+
+
+def _rank_pid(marker: str, rank: int, timeout: float) -> int:
+    """The pid of rank ``rank`` of the run whose environment holds ``marker`` (the test's
+    own processes only: ranks inherit the environment the test gave mlx.launch)."""
+    deadline = time.monotonic() + timeout
+    want = {f"LLAMA2_TEST_RUN={marker}".encode(), f"MLX_RANK={rank}".encode()}
+    while time.monotonic() < deadline:
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                env = set((p / "environ").read_bytes().split(b"\0"))
+                comm = (p / "comm").read_text().strip()
+            except OSError:
+                continue
+            if want <= env and comm.startswith("python"):
+                return int(p.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} process found within {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks in /proc")
+def test_under_mlx_launch_a_killed_rank_ends_the_run_with_one_line(tmp_path, model_dir, data):
+    """mlx.launch ends the other ranks (SIGTERM) when one fails: rank 0 prints one line."""
+    import subprocess
+    import uuid
+
+    from ranks import CLI, free_port, launcher
+
+    marker = uuid.uuid4().hex
+    args = lora_args(model_dir, data, "ad", 100000)
+    args[args.index("--save-every") + 1] = "1"
+    cmd = [*launcher(), "-n", "2", "--backend", "ring", "-p", str(free_port(2)), "--", *CLI,
+           *args]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=environment(LLAMA2_TEST_RUN=marker),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "ad").glob("checkpoints/step_0000002")):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate(timeout=10)
+            time.sleep(0.2)
+        os.kill(_rank_pid(marker, 1, 30), signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2: "), err
+    assert "last complete checkpoint: ad/checkpoints/step_" in errors[0]
+
+
+def test_a_peer_that_never_comes_stops_the_start_with_one_line(tmp_path, model_dir, data):
+    """Rank 1 never starts: rank 0's start (which waits inside mx.distributed.init, GIL
+    held) is ended by the watchdog process within the bound, with one line."""
+    dirs = rank_dirs(tmp_path)
+    with spawn(lora_args(model_dir, data, "ad"), dirs, env=environment(timeout=2),
+               only=[0]) as ranks:
+        tic = time.monotonic()
+        codes = ranks.wait(30)
+        took, log = time.monotonic() - tic, ranks.output(0)
+    assert codes == [-signal.SIGKILL], log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 0: starting the ring backend: no answer from the other ranks "
+                      "within 2s (a rank died or cannot be reached; LLAMA2_DIST_TIMEOUT sets "
+                      "the limit)"], log
+    assert took < 20 and not (dirs[0] / "ad").exists()

@@ -307,11 +307,46 @@ def world() -> World:
     return _world
 
 
+# The watchdog of ``mx.distributed.init``, a process of its own: init holds the GIL while
+# it waits for the peers, so no thread of this process could run. Its argv: the read end
+# of a pipe (a byte or end-of-file: init returned or this process died), the pid to kill,
+# the timeout and the line to print.
+_INIT_WATCHDOG = """
+import os, select, signal, sys
+r, pid, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+if not select.select([r], [], [], timeout)[0]:
+    os.write(2, sys.argv[4].encode())
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+@contextmanager
+def _init_watchdog(timeout: float, line: str) -> Iterator[None]:
+    import subprocess
+
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _INIT_WATCHDOG, str(r),
+                                 str(os.getpid()), str(timeout), line], pass_fds=(r,),
+                                stdin=subprocess.DEVNULL)
+    finally:
+        os.close(r)
+    try:
+        yield
+    finally:
+        os.write(w, b"1")
+        os.close(w)
+        proc.wait()
+
+
 def _init(backend: str) -> World:
     timeout = timeout_seconds()
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
     dog = _Watchdog(f"rank {rank}")
-    with dog.guard(f"starting the {backend} backend", timeout):
+    line = (f"error: rank {rank}: starting the {backend} backend: no answer from the other "
+            f"ranks within {timeout:g}s (a rank died or cannot be reached; {TIMEOUT_ENV} sets "
+            "the limit)\n")
+    with _init_watchdog(timeout, line):
         try:
             group = mx.distributed.init(strict=True, backend=backend)
         except RuntimeError as e:
