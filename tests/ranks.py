@@ -48,11 +48,13 @@ def free_port(count: int = 1) -> int:
     raise RuntimeError("no free loopback port")
 
 
-def environment(timeout: float = 60, **extra) -> dict:
+def environment(timeout: float = 60, start_timeout: float = 120, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLX_RANK", "MLX_HOSTFILE", "OMPI_", "PMI_", "MLX_WORLD_SIZE",
                                 "MLX_JACCL"))}
-    env.update(PYTHONPATH=str(ROOT), LLAMA2_DIST_TIMEOUT=str(timeout), PYTHONUNBUFFERED="1")
+    env.update(PYTHONPATH=str(ROOT), LLAMA2_DIST_TIMEOUT=str(timeout),
+               LLAMA2_DIST_START_TIMEOUT=str(start_timeout), PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")  # a rank that hangs can be made to show where
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -126,6 +126,7 @@ def test_a_single_process_is_world_one_and_the_environment_decides(tmp_path):
     assert launched_backend({"MLX_WORLD_SIZE": "4"}) == "nccl"
     assert launched_backend({"OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"
     assert timeout_seconds({"LLAMA2_DIST_TIMEOUT": "2.5"}) == 2.5
+    assert timeout_seconds({}, "LLAMA2_DIST_START_TIMEOUT") == 300
     with pytest.raises(Llama2Error, match="LLAMA2_DIST_TIMEOUT must be positive"):
         timeout_seconds({"LLAMA2_DIST_TIMEOUT": "0"})
 
@@ -256,6 +257,34 @@ def test_rejection_sampling_under_mlx_launch_writes_the_one_process_file(tmp_pat
     assert one.stdout.splitlines()[0] == r.stdout.splitlines()[0]
 
 
+@pytest.mark.slow
+def test_rs_loop_on_two_ranks_equals_one_process(tmp_path, model_dir, reward_dir, monkeypatch):
+    """Sampling shared out, the fine-tune data parallel (1 row a micro-batch: each step one
+    rank has no rows), the greedy evaluation shared out; rank 0 writes the run folder."""
+    prompts = tmp_path / "prompts.jsonl"
+    rng = random.Random(1)
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(rng.sample(WORDS, 2))}) + "\n"
+                               for _ in range(5)))
+    args = ["rs-loop", "--model", str(model_dir), "--reward-model", str(reward_dir),
+            "--prompts", str(prompts), "--out", "rs", "--iterations", "1", "-k", "2",
+            "--max-tokens", "4", "--iters", "3", "--batch-size", "1", "--max-seq-length", "64",
+            "--rank", "2", "--seed", "5", "--no-progress"]
+    dirs = rank_dirs(tmp_path)
+    run_two(args, dirs)
+    (tmp_path / "one").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    one_process(args, tmp_path)
+    two, one = dirs[0] / "rs", tmp_path / "one" / "rs"
+    for f in ("rs_loop.json", "iter_01/winners.jsonl", "iter_01/samples.jsonl",
+              "iter_01/train.jsonl"):
+        assert (two / f).read_bytes() == (one / f).read_bytes(), f
+    s2, s1 = ([{k: v for k, v in json.loads(line).items() if k != "seconds"}
+               for line in (d / "summary.jsonl").read_text().splitlines()] for d in (two, one))
+    assert s2 == s1
+    assert_same_run(two / "iter_01" / "adapters", one / "iter_01" / "adapters")
+    assert sorted(p.name for p in dirs[1].iterdir()) == ["rank.log"]
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -263,6 +292,10 @@ def _wait_for(path_glob, folder: Path, timeout: float, ranks) -> None:
     deadline = time.monotonic() + timeout
     while not list(folder.glob(path_glob)):
         if time.monotonic() > deadline or any(p.poll() is not None for p in ranks.procs):
+            for p in ranks.procs:  # show where each rank is (faulthandler)
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGABRT)
+            time.sleep(3)
             raise AssertionError(f"no {path_glob} in {folder} after {timeout}s:\n{ranks.output()}")
         time.sleep(0.2)
 
@@ -293,7 +326,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_one_line(tmp_path, model_dir, 
     assert errors[0].startswith("error: rank 0 of 2: ")
     assert ("lost the connection" if how == "kill" else f"within {limit}s") in errors[0]
     assert "last complete checkpoint: ad/checkpoints/step_" in errors[0]
-    assert took < (5 if how == "kill" else limit + 10)
+    assert took < limit + 10  # a dropped connection is noticed at once, a hang at the limit
     from llama2_mlx.training.checkpoint import list_checkpoints, load_checkpoint
 
     assert list_checkpoints(dirs[0] / "ad" / "checkpoints")
@@ -358,7 +391,7 @@ def test_a_peer_that_never_comes_stops_the_start_with_one_line(tmp_path, model_d
     """Rank 1 never starts: rank 0's start (which waits inside mx.distributed.init, GIL
     held) is ended by the watchdog process within the bound, with one line."""
     dirs = rank_dirs(tmp_path)
-    with spawn(lora_args(model_dir, data, "ad"), dirs, env=environment(timeout=2),
+    with spawn(lora_args(model_dir, data, "ad"), dirs, env=environment(start_timeout=2),
                only=[0]) as ranks:
         tic = time.monotonic()
         codes = ranks.wait(30)
@@ -366,6 +399,6 @@ def test_a_peer_that_never_comes_stops_the_start_with_one_line(tmp_path, model_d
     assert codes == [-signal.SIGKILL], log
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 0: starting the ring backend: no answer from the other ranks "
-                      "within 2s (a rank died or cannot be reached; LLAMA2_DIST_TIMEOUT sets "
-                      "the limit)"], log
+                      "within 2s (a rank died or cannot be reached; LLAMA2_DIST_START_TIMEOUT "
+                      "sets the limit)"], log
     assert took < 20 and not (dirs[0] / "ad").exists()

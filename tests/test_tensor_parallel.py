@@ -124,3 +124,18 @@ def test_kv_heads_that_do_not_split_evenly_are_refused(tmp_path):
     folder = save_model(make_model(n_kv_heads=1), tmp_path / "mqa")
     with pytest.raises(Llama2Error, match=r"needs n_kv_heads \(1\) divisible by 2"):
         load_tensor_parallel(folder, World(rank=0, size=2))
+
+
+def test_generate_under_two_ranks_refuses_uneven_kv_heads_with_one_line_each(tmp_path, tok):
+    from llama2_mlx.checkpoints.export import save_model
+
+    folder = save_model(make_model(n_kv_heads=1), tmp_path / "mqa", tok.model_path)
+    dirs = [tmp_path / "r0", tmp_path / "r1"]
+    for d in dirs:
+        d.mkdir()
+    with spawn(["generate", "--model", str(folder), "-p", "hi"], dirs) as ranks:
+        assert ranks.wait(60) == [2, 2], ranks.output()
+        logs = [ranks.output(r).strip().splitlines() for r in (0, 1)]
+    msg = "tensor parallelism over 2 ranks needs n_kv_heads (1) divisible by 2"
+    assert len(logs[0]) == 1 and logs[0][0].startswith(f"error: {msg}")
+    assert len(logs[1]) == 1 and logs[1][0].startswith(f"error: rank 1 of 2: {msg}")

@@ -8,7 +8,8 @@
 
 Every collective runs under a watchdog: a rank whose peers do not answer within
 ``LLAMA2_DIST_TIMEOUT`` seconds (default 300; a dead, hung or unreachable peer; the ring
-backend would otherwise wait forever) stops with one ``error:`` line and exit status 3,
+backend would otherwise wait forever; ``LLAMA2_DIST_START_TIMEOUT`` bounds the wait for
+the peers to start) stops with one ``error:`` line and exit status 3,
 and so does a rank that ``mlx.launch`` terminates (SIGTERM) because another rank failed.
 A peer whose connection drops (it died) raises ``DistributedError`` at once; under
 ``start()`` (the command line) that too is one line and exit status 3. Checkpoints are
@@ -35,6 +36,7 @@ from mlx.utils import tree_flatten, tree_map
 from llama2_mlx.errors import Llama2Error, one_line
 
 TIMEOUT_ENV = "LLAMA2_DIST_TIMEOUT"
+START_TIMEOUT_ENV = "LLAMA2_DIST_START_TIMEOUT"  # waiting for the peers to start (default: 300)
 DEFAULT_TIMEOUT = 300.0
 EXIT_STATUS = 3  # a distributed failure (a bad input is 2)
 BUCKET_BYTES = 32 * 1024**2  # arrays summed in one collective, at most (about)
@@ -66,17 +68,18 @@ def launched_backend(env=None) -> Optional[str]:
     return None
 
 
-def timeout_seconds(env=None) -> float:
+def timeout_seconds(env=None, name: str = TIMEOUT_ENV) -> float:
+    """The time limit in the environment variable ``name`` (default ``DEFAULT_TIMEOUT``)."""
     env = os.environ if env is None else env
-    raw = env.get(TIMEOUT_ENV)
+    raw = env.get(name)
     if raw is None:
         return DEFAULT_TIMEOUT
     try:
         value = float(raw)
     except ValueError:
-        raise Llama2Error(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        raise Llama2Error(f"{name}={raw!r} is not a number of seconds") from None
     if value <= 0:
-        raise Llama2Error(f"{TIMEOUT_ENV} must be positive (got {raw})")
+        raise Llama2Error(f"{name} must be positive (got {raw})")
     return value
 
 
@@ -340,13 +343,13 @@ def _init_watchdog(timeout: float, line: str) -> Iterator[None]:
 
 
 def _init(backend: str) -> World:
-    timeout = timeout_seconds()
+    timeout, start = timeout_seconds(), timeout_seconds(name=START_TIMEOUT_ENV)
     rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "?"
     dog = _Watchdog(f"rank {rank}")
     line = (f"error: rank {rank}: starting the {backend} backend: no answer from the other "
-            f"ranks within {timeout:g}s (a rank died or cannot be reached; {TIMEOUT_ENV} sets "
-            "the limit)\n")
-    with _init_watchdog(timeout, line):
+            f"ranks within {start:g}s (a rank died or cannot be reached; {START_TIMEOUT_ENV} "
+            "sets the limit)\n")
+    with _init_watchdog(start, line):
         try:
             group = mx.distributed.init(strict=True, backend=backend)
         except RuntimeError as e:
@@ -367,15 +370,15 @@ def start() -> World:
         w._watchdog.catch_sigterm()
         if not w.is_main:
             sys.stdout = open(os.devnull, "w")
-            sys.stderr = _ErrorsOnly(sys.stderr)
+            sys.stderr = _ErrorsOnly(sys.stderr, w.label)
     return w
 
 
 class _ErrorsOnly(io.TextIOBase):
-    """A text stream passing on only ``error:`` lines and tracebacks."""
+    """A text stream passing on only ``error:`` lines (naming the rank) and tracebacks."""
 
-    def __init__(self, stream):
-        self.stream, self._line, self._traceback = stream, "", False
+    def __init__(self, stream, label: str):
+        self.stream, self.label, self._line, self._traceback = stream, label, "", False
 
     def writable(self) -> bool:
         return True
@@ -385,6 +388,8 @@ class _ErrorsOnly(io.TextIOBase):
         while "\n" in self._line:
             line, self._line = self._line.split("\n", 1)
             self._traceback |= line.startswith("Traceback")
+            if line.startswith("error:") and not line.startswith("error: rank "):
+                line = f"error: {self.label}: {line[6:].lstrip()}"
             if self._traceback or line.startswith("error:"):
                 self.stream.write(line + "\n")
                 self.stream.flush()

@@ -211,33 +211,23 @@ def write_report(report: RSReport, out, all_out=None) -> None:
 def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
                    prompts: Sequence[Sequence[dict]], *, max_tokens: int = 256,
                    batch_size: int = 16) -> list[float]:
-    """The reward of the policy's greedy answer to each prompt (prompts decoded and scored
-    in batches of ``batch_size``; under ``mlx.launch`` batch ``b`` on rank ``b % size``, the
-    answers scored per batch there)."""
+    """The reward of the policy's greedy answer to each prompt (prompts decoded in batches
+    of ``batch_size``; under ``mlx.launch`` batch ``b`` on rank ``b % size``, the answers
+    then gathered and scored as on one process)."""
     config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
     w = world()
-    if w.size == 1:
-        texts = []
-        with eval_mode(policy):
-            for i in range(0, len(prompts), batch_size):
-                chunk = [list(p) for p in prompts[i : i + batch_size]]
-                outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk],
-                                      config)
-                texts += [_answer(tokenizer, o)[0] for o in outs]
-        seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
-                for p, t in zip(prompts, texts)]
-        return score_sequences(rm, seqs, batch_size=batch_size)
-    rewards = []
+    texts: list = []
     with eval_mode(policy):
         for i in range(w.rank * batch_size, len(prompts), w.size * batch_size):
             chunk = [list(p) for p in prompts[i : i + batch_size]]
             outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk], config)
-            texts = [_answer(tokenizer, o)[0] for o in outs]
-            seqs = [encode_response(rm_tokenizer, p, t, rm.max_len) for p, t in zip(chunk, texts)]
-            rewards.append(score_sequences(rm, seqs, batch_size=batch_size))
-    parts = w.all_gather_objects(rewards, "gathering the greedy rewards")
-    n_batches = -(-len(prompts) // batch_size)
-    return [r for b in range(n_batches) for r in parts[b % w.size][b // w.size]]
+            texts.append([_answer(tokenizer, o)[0] for o in outs])
+    if w.size > 1:
+        parts = w.all_gather_objects(texts, "gathering the greedy answers")
+        texts = [parts[b % w.size][b // w.size] for b in range(-(-len(prompts) // batch_size))]
+    seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
+            for p, t in zip(prompts, (t for batch in texts for t in batch))]
+    return score_sequences(rm, seqs, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------- from files
