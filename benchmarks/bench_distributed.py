@@ -83,11 +83,36 @@ def free_port(n: int = 2) -> int:
     raise RuntimeError("no free port")
 
 
+LAUNCHER = "direct"  # or "mlx.launch" (--launcher)
+
+
 def launch(n: int, command: list[str], cwd: Path, timeout: float = 3600,
            split_threads: bool = False) -> str:
+    """Run ``command`` as n ranks (ring on localhost); rank 0's output. ``direct`` starts
+    the ranks as mlx.launch does (MLX_RANK, MLX_HOSTFILE) without the launcher, whose
+    I/O loop busy-waits (about 60-75% of a core in MLX 0.32) and would slow the ranks on a
+    small machine."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if split_threads:  # the cores shared out: each process's BLAS gets cores / n threads
         env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    if n > 1 and LAUNCHER == "direct":
+        port = free_port(n)
+        hostfile = cwd / f"hosts-{port}.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+        procs = [subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env=dict(env, MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)))
+                 for r in range(n)]
+        try:
+            outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"failed: {' '.join(command)}\n" + "\n".join(outs))
+        return outs[0]
     if n > 1:
         command = ["mlx.launch", "-n", str(n), "--backend", "ring", "-p", str(free_port(n)),
                    "--", *command]
@@ -168,10 +193,14 @@ def main() -> None:
     ap.add_argument("--split-threads", action="store_true",
                     help="give each of N processes cores/N BLAS threads (OPENBLAS_NUM_THREADS)")
     ap.add_argument("--skip-tp", action="store_true", help="training only")
+    ap.add_argument("--launcher", choices=["direct", "mlx.launch"], default="direct",
+                    help="start the ranks directly (default) or with mlx.launch")
     args = ap.parse_args()
+    global LAUNCHER
+    LAUNCHER = args.launcher
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# distributed on {os.cpu_count()} CPU cores (load average {load}); "
-          f"BLAS: {blas.describe().name}\n")
+          f"BLAS: {blas.describe().name}; ranks started by {args.launcher}\n")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         train = bench_train(args, tmp)

@@ -133,36 +133,38 @@ class _Watchdog:
                 time.sleep(1)
         note = f"; {self.note}" if self.note else ""
         line = f"error: {self.label}: {message}{note}\n"
-        try:
-            sys.stdout.flush()
-        except Exception:
-            pass
-        try:
+        try:  # straight to fd 2: a lock held by the stuck main thread cannot block it
             os.write(2, line.encode())
         finally:
             os._exit(EXIT_STATUS)
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._check()
+            except Exception:  # never let the watchdog die (it would leave hangs unbounded)
+                time.sleep(0.2)
+
+    def _check(self) -> None:
+        """One look: SIGTERM arrived, or a collective is past its deadline."""
         import select
 
-        while True:
-            if self._wake_r is not None:
-                ready, _, _ = select.select([self._wake_r], [], [], 0.2)
-                if ready:
-                    try:
-                        data = os.read(self._wake_r, 64)
-                    except BlockingIOError:
-                        data = b""
-                    if signal.SIGTERM in data:
-                        self.die(self._sigterm_message())
-            else:
-                time.sleep(0.2)
-            with self._lock:
-                late = [g for g in self._guards if time.monotonic() > g[0]]
-            if late:
-                _, timeout, what = late[0]
-                self.die(f"{what}: no answer from the other ranks within {timeout:g}s "
-                         f"(a rank died, hangs or cannot be reached; {TIMEOUT_ENV} sets the limit)")
+        if self._wake_r is not None:
+            if select.select([self._wake_r], [], [], 0.2)[0]:
+                try:
+                    data = os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    data = b""
+                if signal.SIGTERM in data:
+                    self.die(self._sigterm_message())
+        else:
+            time.sleep(0.2)
+        with self._lock:
+            late = [g for g in self._guards if time.monotonic() > g[0]]
+        if late:
+            _, timeout, what = late[0]
+            self.die(f"{what}: no answer from the other ranks within {timeout:g}s "
+                     f"(a rank died, hangs or cannot be reached; {TIMEOUT_ENV} sets the limit)")
 
 
 @dataclass
