@@ -402,3 +402,14 @@ def test_a_peer_that_never_comes_stops_the_start_with_one_line(tmp_path, model_d
                       "within 2s (a rank died or cannot be reached; LLAMA2_DIST_START_TIMEOUT "
                       "sets the limit)"], log
     assert took < 20 and not (dirs[0] / "ad").exists()
+
+
+def test_commands_that_do_not_run_distributed_are_refused_once(tmp_path):
+    dirs = rank_dirs(tmp_path)
+    with spawn(["fuse", "--help"], dirs) as ranks:
+        assert ranks.wait(60) == [2, 2], ranks.output()
+        logs = [ranks.output(r).strip() for r in (0, 1)]
+    assert logs[0].startswith("error: llama2 fuse does not run on several processes (those that "
+                              "do: lora-train, reward-train, rejection-sample, rs-loop, generate, "
+                              "chat)") and "\n" not in logs[0]
+    assert logs[1] == ""
