@@ -309,7 +309,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_one_line(tmp_path, model_dir, 
     args = lora_args(model_dir, data, "ad", 100000)
     args[args.index("--save-every") + 1] = "1"
     args[args.index("--val-every") + 1] = "0"
-    limit = 4
+    limit = 30 if how == "kill" else 8  # the hang waits for it; the setup must not
     with spawn(args, dirs, env=environment(timeout=limit)) as ranks:
         _wait_for("checkpoints/step_0000002", dirs[0] / "ad", 120, ranks)
         tic = time.monotonic()
@@ -326,7 +326,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_one_line(tmp_path, model_dir, 
     assert errors[0].startswith("error: rank 0 of 2: ")
     assert ("lost the connection" if how == "kill" else f"within {limit}s") in errors[0]
     assert "last complete checkpoint: ad/checkpoints/step_" in errors[0]
-    assert took < limit + 10  # a dropped connection is noticed at once, a hang at the limit
+    assert took < (10 if how == "kill" else limit + 10)  # a drop at once, a hang at the limit
     from llama2_mlx.training.checkpoint import list_checkpoints, load_checkpoint
 
     assert list_checkpoints(dirs[0] / "ad" / "checkpoints")
