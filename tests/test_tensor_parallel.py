@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import make_model
-from ranks import environment, launch, spawn
+from ranks import launch, spawn
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.distributed import World

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.distributed import World
@@ -136,7 +136,3 @@ def _shapes(arrays: dict) -> dict:
 
 def _zeros(shapes: dict) -> dict:
     return {k: mx.zeros(shape, getattr(mx, dtype)) for k, (shape, dtype) in shapes.items()}
-
-
-def flat_optimizer_state(optimizer) -> dict:
-    return {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
