@@ -43,9 +43,39 @@ def _options(
     pass
 
 
+# The commands that run on several processes (docs/distributed.md); under mlx.launch the
+# others would each do the whole job and write the same files, so they are refused.
+DISTRIBUTED = ("lora-train", "reward-train", "rejection-sample", "rs-loop", "generate", "chat")
+
+
 def main() -> None:
+    from llama2_mlx.io.distributed import launched_backend
+
+    if launched_backend() is not None:  # started by mlx.launch: join the other ranks first
+        _start_distributed()
     app()
 
 
-if __name__ == "__main__":  # python -m cli.app (the hostile-input tests run it so)
+def _start_distributed() -> None:
+    import os
+    import sys
+
+    from llama2_mlx.errors import Llama2Error
+    from llama2_mlx.io.distributed import EXIT_STATUS, DistributedError, start
+
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    try:
+        if command is not None and command not in DISTRIBUTED:
+            rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+            if rank != "0":  # every rank refuses alike: rank 0 says so
+                raise SystemExit(2)
+            raise Llama2Error(f"llama2 {command} does not run on several processes (those that "
+                              f"do: {', '.join(DISTRIBUTED)}); run it without mlx.launch")
+        start()
+    except Llama2Error as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STATUS if isinstance(e, DistributedError) else 2) from None
+
+
+if __name__ == "__main__":  # python -m cli.app (the hostile-input and distributed tests run it so)
     main()

@@ -25,8 +25,25 @@ KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N toke
 def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
     from llama2_mlx.checkpoints.load import load
     from llama2_mlx.demo import model_or_demo
+    from llama2_mlx.io.distributed import world
 
+    if world().size > 1:  # under mlx.launch: the model is cut across the ranks
+        from llama2_mlx.generation.parallel import load_for_generation
+
+        return load_for_generation(model_or_demo(model, eprint), world(),
+                                   dtype=dtype_name(dtype), adapter_path=adapter_path)
     return load(model_or_demo(model, eprint), dtype=dtype_name(dtype), adapter_path=adapter_path)
+
+
+def _parallel(config, steps=None):
+    """Under mlx.launch: ``config`` with a seed all ranks share, ``steps`` watched."""
+    from llama2_mlx.io.distributed import world
+
+    if world().size == 1:
+        return config if steps is None else steps
+    from llama2_mlx.generation.parallel import agreed, watched
+
+    return agreed(config, world()) if steps is None else watched(steps, world())
 
 
 def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):
@@ -57,7 +74,9 @@ def generate(
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop,
                      max_kv_size)
     net, tokenizer = _load(model, dtype, adapter_path)
-    for r in stream_generate(net, tokenizer, prompt_ids(tokenizer, prompt, system, chat), config):
+    config = _parallel(config)
+    stream = stream_generate(net, tokenizer, prompt_ids(tokenizer, prompt, system, chat), config)
+    for r in _parallel(config, stream):
         typer.echo(r.text, nl=False)
     typer.echo()
     eprint(format_stats(r))
@@ -81,6 +100,7 @@ def chat(
     config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, None,
                      max_kv_size)
     net, tokenizer = _load(model, dtype, adapter_path)
+    config = _parallel(config)
     eprint("chat: /reset clears the history, /quit exits")
     write = lambda text: typer.echo(text, nl=False)  # noqa: E731
     chat_loop(ChatSession(net, tokenizer, config, system), _read_turn, write, eprint)

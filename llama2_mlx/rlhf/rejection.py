@@ -6,6 +6,10 @@ is scored by the reward model on the chat encoding of prompt + answer, and the
 best one becomes the prompt's new gold answer, written as JSONL that
 ``lora-train`` reads directly (``{"messages": [..., {"role": "assistant", ...}]}``).
 The loop that repeats sample -> score -> fine-tune is ``rs_loop``.
+
+The sampler is seeded per prompt (``prompt_seed``), so under ``mlx.launch`` the prompts
+are shared out across the ranks (prompt ``i`` to rank ``i % size``) and the gathered
+results are exactly those of one process with the same seed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from llama2_mlx.chat.records import cut_answer, read_prompts
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_jsonl_atomic
+from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.models.model import eval_mode
 from llama2_mlx.rlhf.reward_data import encode_response
@@ -126,6 +131,11 @@ def _pick_best(rewards: Sequence[float], finished: Sequence[bool]) -> int:
     return max(pool, key=lambda i: rewards[i])
 
 
+def prompt_seed(seed: int, i: int) -> int:
+    """The sampling seed of prompt ``i`` of a run seeded with ``seed``."""
+    return (seed * 1_000_003 + i) % 2**32
+
+
 def rejection_sample(
     policy, tokenizer, rm: RewardModel, rm_tokenizer, prompts: Sequence[Sequence[dict]],
     config: Optional[RSConfig] = None, *, progress: bool = True,
@@ -134,20 +144,24 @@ def rejection_sample(
     decoding), score each answer with ``rm`` (on ``rm_tokenizer``'s chat encoding of prompt
     + answer, EOS included; the shared prompt is run once there too, see
     ``score_shared_prefix``) and pick the best (among the answers that ended with EOS,
-    when any did)."""
+    when any did). Prompt ``i`` is sampled with seed ``prompt_seed(seed, i)``; under
+    ``mlx.launch`` every rank samples its share and every rank gets all the results."""
     config = config or RSConfig()
     config.check()
     if not prompts:
         raise Llama2Error("no prompts to sample")
     gen = dataclasses.replace(config.generation, seed=None)
-    if config.generation.seed is not None:
-        mx.random.seed(config.generation.seed)
+    w = world()
+    mine = range(w.rank, len(prompts), w.size)
     report = RSReport([])
     tic = time.perf_counter()
-    with eval_mode(policy), ProgressBar("rejection-sample", len(prompts),
-                                        ("best {best}", "median {median}"), enabled=progress) as bar:
-        for n, prompt in enumerate(prompts, 1):
-            prompt = list(prompt)
+    with eval_mode(policy), ProgressBar("rejection-sample", len(mine),
+                                        ("best {best}", "median {median}"),
+                                        enabled=progress and w.is_main) as bar:
+        for n, i in enumerate(mine, 1):
+            prompt = list(prompts[i])
+            if config.generation.seed is not None:
+                mx.random.seed(prompt_seed(config.generation.seed, i))
             t0 = time.perf_counter()
             outs, eos = sample_k(policy, tokenizer.encode_chat(prompt), config.k, gen,
                                  tokenizer.eos_id, tokenizer.vocab_size)
@@ -162,13 +176,33 @@ def rejection_sample(
             report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
                                                 _pick_best(rewards, finished)))
             bar.update(n, best=f"{report.mean_best:.3f}", median=f"{report.mean_median:.3f}")
+    if w.size > 1:
+        report = _gathered(w, report, len(prompts))
     report.seconds = time.perf_counter() - tic
     return report
 
 
+def _gathered(w: World, mine: RSReport, n: int) -> RSReport:
+    """Every rank's results in prompt order (rank r sampled prompts r, r + size, ...);
+    sampling and scoring times are the slowest rank's, tokens the sum."""
+    parts = w.all_gather_objects(
+        {"results": [dataclasses.asdict(r) for r in mine.results],
+         "times": [mine.sample_seconds, mine.score_seconds], "tokens": mine.generated_tokens},
+        "gathering the samples")
+    results: list = [None] * n
+    for rank, part in enumerate(parts):
+        for j, r in enumerate(part["results"]):
+            results[rank + j * w.size] = PromptSamples(**r)
+    return RSReport(results, sample_seconds=max(p["times"][0] for p in parts),
+                    score_seconds=max(p["times"][1] for p in parts),
+                    generated_tokens=sum(p["tokens"] for p in parts))
+
+
 def write_report(report: RSReport, out, all_out=None) -> None:
     """Write the winners (``lora-train`` JSONL) to ``out`` and, with ``all_out``, every
-    sample with its reward; both atomically."""
+    sample with its reward; both atomically (under ``mlx.launch``: rank 0 alone)."""
+    if not world().is_main:
+        return
     write_jsonl_atomic(out, (r.winner_record() for r in report.results))
     if all_out is not None:
         write_jsonl_atomic(all_out, (r.all_record() for r in report.results))
@@ -177,16 +211,22 @@ def write_report(report: RSReport, out, all_out=None) -> None:
 def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
                    prompts: Sequence[Sequence[dict]], *, max_tokens: int = 256,
                    batch_size: int = 16) -> list[float]:
-    """The reward of the policy's greedy answer to each prompt (prompts decoded in batches)."""
+    """The reward of the policy's greedy answer to each prompt (prompts decoded in batches
+    of ``batch_size``; under ``mlx.launch`` batch ``b`` on rank ``b % size``, the answers
+    then gathered and scored as on one process)."""
     config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
-    texts = []
+    w = world()
+    texts: list = []
     with eval_mode(policy):
-        for i in range(0, len(prompts), batch_size):
+        for i in range(w.rank * batch_size, len(prompts), w.size * batch_size):
             chunk = [list(p) for p in prompts[i : i + batch_size]]
             outs = batch_generate(policy, tokenizer, [tokenizer.encode_chat(p) for p in chunk], config)
-            texts += [_answer(tokenizer, o)[0] for o in outs]
+            texts.append([_answer(tokenizer, o)[0] for o in outs])
+    if w.size > 1:
+        parts = w.all_gather_objects(texts, "gathering the greedy answers")
+        texts = [parts[b % w.size][b // w.size] for b in range(-(-len(prompts) // batch_size))]
     seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
-            for p, t in zip(prompts, texts)]
+            for p, t in zip(prompts, (t for batch in texts for t in batch))]
     return score_sequences(rm, seqs, batch_size=batch_size)
 
 
@@ -220,6 +260,7 @@ def rejection_sample_files(model, reward_model, prompts_file, out, config: Optio
     ``rejection_sample`` on the prompts of ``prompts_file`` and ``write_report``."""
     config = config or RSConfig()
     config.check()
+    log = world().main_only(log)
     prompts = read_prompts(prompts_file)
     base, _, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
     policy, tokenizer = base.policy(adapter_path)

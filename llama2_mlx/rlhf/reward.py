@@ -156,10 +156,11 @@ def fit_reward_model(
     """Train ``rm`` (see ``prepare_reward_model``) with the shared trainer on encoded pairs;
     held-out metrics are logged every ``config.eval_every`` steps and at the end; with
     ``out_dir`` the reward model folder is written there at each checkpoint and at the end."""
+    from llama2_mlx.io.distributed import world
     from llama2_mlx.io.progress import log_stderr
     from llama2_mlx.training.trainer import train
 
-    say = log or log_stderr
+    say = world().main_only(log or log_stderr)  # under mlx.launch: rank 0 (which alone saves)
     batches = PairBatches(train_pairs, config.batch_size, seed=config.train.seed)
     warmup = PAPER_WARMUP if config.warmup is None else dict(warmup=config.warmup, warmup_ratio=0.0)
     train_cfg = dataclasses.replace(config.train, **warmup, val_every=0)

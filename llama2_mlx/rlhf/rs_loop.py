@@ -4,12 +4,20 @@
 fine-tunes the starting policy on the winners of *all* iterations so far (the paper
 found that training on the last iteration's winners alone regressed). A run's folder
 records its settings and one summary line per iteration, so it can be resumed.
+
+Under ``mlx.launch`` the sampling, the greedy evaluation and the fine-tunes are shared
+out across the ranks (with the results of one process); rank 0 alone writes the run's
+folder, and reads it on ``--resume`` for the others (whose fine-tunes read the pool
+from a private copy). Resuming needs the adapters of the last iteration readable on
+every rank (a shared folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 from llama2_mlx.chat.records import read_prompts
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
+from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import read_json, read_jsonl
 from llama2_mlx.rlhf.rejection import (
@@ -146,6 +155,32 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     return summaries, pool
 
 
+def _from_main(w: World, read: Callable[[], tuple[list, list]]):
+    """``read()`` on rank 0 (the run folder is rank 0's), its result or error on every rank."""
+    if w.size == 1:
+        return read()
+    msg = None
+    if w.is_main:
+        try:
+            summaries, pool = read()
+            msg = {"summaries": [dataclasses.asdict(x) for x in summaries], "pool": pool}
+        except Llama2Error as e:
+            msg = {"error": str(e)}
+    msg = w.broadcast_object(msg, "reading the rs-loop folder")
+    if "error" in msg:
+        raise Llama2Error(msg["error"])
+    return [IterationSummary(**x) for x in msg["summaries"]], msg["pool"]
+
+
+def _fresh(out: Path, settings: dict) -> tuple[list, list]:
+    if (out / SUMMARY_FILE).exists():
+        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
+                          "to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / SETTINGS_FILE, settings)
+    return [], []
+
+
 def rs_loop(
     load_policy: Callable[..., tuple], rm: RewardModel, rm_tokenizer,
     prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
@@ -170,20 +205,30 @@ def rs_loop(
     out = Path(out_dir)
     eval_prompts = list(eval_prompts) if eval_prompts is not None else list(prompts)
     settings = _settings(config, list(prompts), eval_prompts)
-    if resume:
-        summaries, pool = _resumed(out, settings)
-    elif (out / SUMMARY_FILE).exists():
-        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
-                          "to continue it, or choose another --out")
-    else:
-        summaries, pool = [], []
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / SETTINGS_FILE, settings)
+    w = world()
+    log = w.main_only(log)
+    summaries, pool = _from_main(w, lambda: _resumed(out, settings) if resume
+                                 else _fresh(out, settings))
     greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
+    # The pool the fine-tunes read: the run's train.jsonl on rank 0, a private copy elsewhere.
+    private = None if w.is_main else Path(tempfile.mkdtemp(prefix="llama2-rs-pool-"))
+    try:
+        return _iterations(load_policy, rm, rm_tokenizer, prompts, out, config, eval_prompts,
+                           lora_config, log, summaries, pool, greedy_tokens, w, private)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoopConfig,
+                eval_prompts, lora_config, log, summaries: list, pool: list, greedy_tokens: int,
+                w: World, private: Optional[Path]) -> list[IterationSummary]:
+    """The iterations of ``rs_loop`` after the finished ones (``summaries``)."""
 
     def record(s: IterationSummary) -> None:
         summaries.append(s)
-        write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
+        if w.is_main:
+            write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
         log(s.line())
 
     def greedy(p) -> float:
@@ -209,11 +254,12 @@ def rs_loop(
         log(f"iteration {it}: {report.summary()}")
         write_report(report, d / "winners.jsonl", d / "samples.jsonl")
         pool += [r.winner_record() for r in report.results]
-        write_jsonl_atomic(d / "train.jsonl", pool)
+        train_file = d / "train.jsonl" if w.is_main else private / f"iter_{it:02d}.jsonl"
+        write_jsonl_atomic(train_file, pool)
         del policy
         policy, tokenizer = load_policy()
         sft = config.sft.with_options(seed=config.sft.train.seed + it)
-        finetune(policy, tokenizer, d / "train.jsonl", d / "adapters", sft,
+        finetune(policy, tokenizer, train_file, d / "adapters", sft,
                  lora_config=lora_config, log=log)
         record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,
                                 len(pool), str(d / "adapters"), time.perf_counter() - tic))

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.io.distributed import world
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import exists, is_dir, read_options
 from llama2_mlx.models.lora import (
@@ -270,6 +271,7 @@ def lora_train(
     has (``lora_config`` describes them) are trained further; else new ones are added
     (``opts.lora``). ``description`` labels the progress bar.
     """
+    log = world().main_only(log)  # under mlx.launch rank 0 alone logs and writes
     # The options were checked when they were made, before the (slow) model load.
     adapter_path = Path(opts.adapter_path)
     config = dataclasses.replace(opts.train, checkpoint_dir=adapter_path / "checkpoints",
@@ -331,7 +333,7 @@ def lora_train(
     )
     out = SFTResult(result, adapter_path, stats)
     if "test" in splits:
-        out.test_loss, n = evaluate(model, sft_loss, splits["test"](0))
+        out.test_loss, n = evaluate(model, sft_loss, splits["test"](0), world=world())
         log(f"test loss {out.test_loss:.4f}, perplexity {out.test_ppl:.3f} ({n:,} target tokens)")
     log(f"adapters written to {adapter_path}")
     return out

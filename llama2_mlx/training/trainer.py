@@ -11,6 +11,11 @@ batches`` (same length for every epoch); micro-batch ``m`` of the run is batch
 ``m % len`` of epoch ``m // len``, so a checkpoint at step ``s`` resumes at
 micro-batch ``s * grad_accum``. Dropout is seeded per micro-batch, so a
 resumed run repeats the uninterrupted one.
+
+Under ``mlx.launch`` the run is data-parallel (``data_parallel``): every step's global
+batch is split across the processes, the gradient sums are added across them, and rank
+0 alone writes checkpoints and artefacts and shows progress; the result equals the
+one-process run, which a checkpoint may resume on any number of processes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
+from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
 from llama2_mlx.models.model import eval_mode
 from llama2_mlx.training.checkpoint import (
@@ -36,6 +42,13 @@ from llama2_mlx.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+)
+from llama2_mlx.training.data_parallel import (
+    evaluate_shared,
+    local_batches,
+    shared_checkpoint,
+    sum_step,
+    sync_parameters,
 )
 from llama2_mlx.training.schedule import lr_schedule, make_optimizer
 
@@ -155,9 +168,16 @@ class TrainResult:
 
 
 def evaluate(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable, max_batches: int = -1
+    model: nn.Module, loss_fn: LossFn, batches: Iterable, max_batches: int = -1,
+    world: Optional[World] = None,
 ) -> tuple[float, int]:
-    """(mean loss, count) over ``batches`` (the first ``max_batches`` of them unless -1)."""
+    """(mean loss, count) over ``batches`` (the first ``max_batches`` of them unless -1);
+    with a ``world`` of several ranks (all calling this) the batches are shared out."""
+    if world is not None and world.size > 1:
+        with eval_mode(model):
+            total, count = evaluate_shared(model, loss_fn, batches, max_batches, world)
+        n = int(count.item())
+        return (total.item() / n if n else float("nan")), n
     total, count = mx.array(0.0), mx.array(0)
     with eval_mode(model):
         for i, batch in enumerate(batches):
@@ -219,6 +239,8 @@ class _Run:
     def __init__(self, model, loss_fn, train_batches, config: TrainConfig, *,
                  val_batches, on_save, on_step, say):
         self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.world = world()  # one process unless started by mlx.launch
+        say = self.world.main_only(say)
         self.val_batches, self.on_save, self.on_step, self.say = val_batches, on_save, on_step, say
         self.ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         # The model first: a run it refuses must not remove an earlier run's checkpoints.
@@ -227,6 +249,7 @@ class _Run:
         self._setup_optimizer()
         self.result = TrainResult(total_steps=self.total_steps)
         self.start = self._setup_resume()
+        sync_parameters(self.world, self.model)  # all ranks start from rank 0's parameters
 
     # ------------------------------------------------------------------ setup
 
@@ -268,7 +291,7 @@ class _Run:
         optimizer state and history restored); else 0."""
         ckpt_dir, result = self.ckpt_dir, self.result
         if not self.config.resume:
-            if ckpt_dir is not None and list_checkpoints(ckpt_dir):
+            if ckpt_dir is not None and self.world.is_main and list_checkpoints(ckpt_dir):
                 # A fresh run must not mix its checkpoints with an older run's.
                 old = list_checkpoints(ckpt_dir)
                 self.say(f"removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir} "
@@ -278,7 +301,8 @@ class _Run:
             return 0
         if ckpt_dir is None:
             raise Llama2Error("--resume needs a checkpoint folder")
-        path, params, opt_state, state = load_checkpoint(ckpt_dir)
+        path, params, opt_state, state = shared_checkpoint(self.world,
+                                                           lambda: load_checkpoint(ckpt_dir))
         self._check_checkpoint(path, params, state)
         self.model.load_weights(list(params.items()), strict=False)
         _restore_optimizer(self.optimizer, self.model, opt_state)
@@ -287,6 +311,7 @@ class _Run:
         result.learning_rates = [tuple(x) for x in state.get("learning_rates", [])]
         result.val_losses = [tuple(x) for x in state.get("val_losses", [])]
         result.resumed_from, result.last_checkpoint, result.steps = start, path, start
+        self.world.note(f"last complete checkpoint: {path}")
         return start
 
     def _check_checkpoint(self, path: Path, params: dict, state: dict) -> None:
@@ -309,7 +334,7 @@ class _Run:
         mx.reset_peak_memory()
         columns = ("loss {loss}", "lr {lr}", "{tps} tok/s", "peak {mem} GB")
         with ProgressBar(config.description, total, columns, completed=self.start,
-                         enabled=config.progress) as bar:
+                         enabled=config.progress and self.world.is_main) as bar:
             if self.start == 0 and config.val_every > 0 and config.val_at_start:
                 self._validate(0, bar)
             tic = time.perf_counter()
@@ -340,6 +365,11 @@ class _Run:
 
     def _micro_batch(self, m: int):
         """Micro-batch ``m`` of the run: batch ``m % per_epoch`` of epoch ``m // per_epoch``."""
+        batches, i = self._micro_source(m)
+        return batches[i]
+
+    def _micro_source(self, m: int):
+        """(the batches of micro-batch ``m``'s epoch, its index there)."""
         e = m // self.per_epoch
         if e not in self.epoch_cache:
             self.epoch_cache.clear()
@@ -347,21 +377,31 @@ class _Run:
             if len(self.epoch_cache[e]) != self.per_epoch:
                 raise Llama2Error(f"epoch {e} has {len(self.epoch_cache[e])} batches, "
                                   f"not {self.per_epoch}")
-        return self.epoch_cache[e][m % self.per_epoch]
+        return self.epoch_cache[e], m % self.per_epoch
+
+    def _local_batches(self, step: int):
+        """(dropout seed, batch) of this rank's share of a step (all of it on one process)."""
+        ga, seed = self.config.grad_accum, self.config.seed
+        ms = range(step * ga, min((step + 1) * ga, self.total_micro))
+        if self.world.size == 1:
+            return ((seed * 1_000_003 + m, self._micro_batch(m)) for m in ms)
+        return local_batches([(m, *self._micro_source(m)) for m in ms], self.world, seed)
 
     def _gradients(self, step: int):
-        """(gradients, loss, tokens) of a step: summed over its micro-batches, the
-        gradients and loss divided by the number of items they sum over."""
-        ga = self.config.grad_accum
+        """(gradients, loss, tokens) of a step: summed over its micro-batches (and the
+        ranks), the gradients and loss divided by the number of items they sum over."""
         grads, loss_sum, count, tokens = None, mx.array(0.0), mx.array(0), 0
-        for m in range(step * ga, min((step + 1) * ga, self.total_micro)):
-            batch = self._micro_batch(m)
-            mx.random.seed(self.config.seed * 1_000_003 + m)  # dropout: same on resume
+        for key, batch in self._local_batches(step):
+            mx.random.seed(key)  # dropout: same on resume
             (s, n), g = self.loss_and_grad(self.model, batch)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_sum, count = loss_sum + s.astype(mx.float32), count + n
             mx.eval(grads, loss_sum, count)
             tokens += int(getattr(batch, "num_tokens", 0) or int(n))
+        if self.world.size > 1:
+            grads, loss_sum, count, tokens = sum_step(
+                self.world, grads, loss_sum, count, tokens, self.model.trainable_parameters(),
+                step)
         n_items = max(int(count.item()), 1)
         return tree_map(lambda g: g / n_items, grads), loss_sum.item() / n_items, tokens
 
@@ -398,9 +438,11 @@ class _Run:
         if self.val_batches is None:
             return
         tic = time.perf_counter()
-        loss, n = evaluate(self.model, self.loss_fn, self.val_batches(), self.config.val_batches)
+        loss, n = evaluate(self.model, self.loss_fn, self.val_batches(), self.config.val_batches,
+                           self.world)
         self.result.val_losses.append((step, loss))
-        bar.log(f"step {step}: val loss {loss:.4f} ({n} targets, {time.perf_counter() - tic:.1f}s)")
+        if self.world.is_main:
+            bar.log(f"step {step}: val loss {loss:.4f} ({n} targets, {time.perf_counter() - tic:.1f}s)")
 
     def _stop_requested(self, step: int, metrics: dict) -> bool:
         """Call ``on_step``; whether it asked to stop (raised ``StopTraining``)."""
@@ -413,7 +455,9 @@ class _Run:
         return False
 
     def _checkpoint(self, step: int) -> None:
-        """Save a checkpoint (with a checkpoint folder) and call ``on_save``."""
+        """Save a checkpoint (with a checkpoint folder) and call ``on_save``: on rank 0."""
+        if not self.world.is_main:
+            return
         if self.ckpt_dir is not None:
             ga, per_epoch, result = self.config.grad_accum, self.per_epoch, self.result
             state = {
@@ -427,5 +471,6 @@ class _Run:
                 self.ckpt_dir, step, params, self.optimizer.state, state,
                 self.config.keep_checkpoints,
             )
+            self.world.note(f"last complete checkpoint: {result.last_checkpoint}")
         if self.on_save is not None:
             self.on_save(self.model, step)
