@@ -34,6 +34,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    offset: int = 0  # of its first byte in the file (past the header)
 
     @property
     def size(self) -> int:
@@ -92,7 +93,7 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"{where}: {dtype} of shape {shape} is {nbytes:,} bytes, its data_offsets "
                 f"span {stop - start:,}"
             )
-        out[name] = TensorInfo(shape, dtype, nbytes)
+        out[name] = TensorInfo(shape, dtype, nbytes, 8 + n + start)
         ranges.append((start, stop, name))
     end = 0
     for start, stop, name in sorted(ranges):

@@ -32,29 +32,15 @@ _DTYPES = {
 def safetensors_views(path: Path) -> dict[str, TensorData]:
     """Every tensor of a safetensors file as a view of the (memory-mapped) file."""
     path = Path(path)
-    header = safetensors_header(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-    base = 8 + n
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            np_dtype, mx_dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            start, stop = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise Llama2Error(f"{path}: tensor {name} has an unsupported or corrupt header "
-                              f"entry ({info.get('dtype') if isinstance(info, dict) else info})"
-                              ) from None
-        count = int(np.prod(shape)) if shape else 1
-        if stop - start != count * np.dtype(np_dtype).itemsize:
-            raise Llama2Error(f"{path}: tensor {name}: {stop - start} bytes for shape {shape}")
-        if count == 0:
-            arr = np.zeros(shape, np_dtype)
+    for name, info in safetensors_header(path).items():  # dtypes, shapes and offsets checked
+        if info.dtype not in _DTYPES:
+            raise Llama2Error(f"{path}: tensor {name} is {info.dtype}, which is not read as a slice")
+        np_dtype, mx_dtype = _DTYPES[info.dtype]
+        if info.size == 0:
+            arr = np.zeros(info.shape, np_dtype)
         else:
-            arr = np.memmap(path, dtype=np_dtype, mode="r", offset=base + start, shape=shape)
+            arr = np.memmap(path, dtype=np_dtype, mode="r", offset=info.offset, shape=info.shape)
         out[name] = TensorData(arr, mx_dtype)
     return out
 
