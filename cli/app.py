@@ -15,10 +15,15 @@ app = typer.Typer(
 )
 
 # Each module defines register(app) and owns its commands.
-COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.demo"]
+COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.demo",
+                   "cli.serve"]
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
