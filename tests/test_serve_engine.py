@@ -13,7 +13,7 @@ import pytest
 from conftest import make_model
 
 from llama2_mlx.generation.generate import GenerationConfig, generate_step, sample_k
-from llama2_mlx.serve.batch import DecodeBatch, SeqCache
+from llama2_mlx.serve.batch import DecodeBatch, SeqCache, prefill_rows
 from llama2_mlx.serve.engine import Engine
 from llama2_mlx.serve.jobs import Delta, Done, Failed, Finish, Job
 from llama2_mlx.serve.prompt_cache import LRUPromptCache
@@ -37,11 +37,17 @@ def model():
 # ----------------------------------------------------------------------------- the batch
 
 
-def _prefill(model, ids):
+def _run(model, ids):
+    """Per-layer caches after running ``ids``, alone."""
     caches = [SeqCache() for _ in model.layers]
-    if len(ids) > 1:
-        model(mx.array(ids[:-1])[None], cache=caches)
-    return [c.state() for c in caches] if len(ids) > 1 else None
+    if ids:
+        model(mx.array(ids)[None], cache=caches)
+    return caches
+
+
+def _prefill(model, ids):
+    """The context of all but the last prompt token (the first decode step's input)."""
+    return [c.state() for c in _run(model, ids[:-1])] if len(ids) > 1 else None
 
 
 def test_decode_batch_rows_joining_and_leaving_decode_exactly_as_alone(model):
@@ -59,7 +65,10 @@ def test_decode_batch_rows_joining_and_leaving_decode_exactly_as_alone(model):
         for i in [i for i, s in joins.items() if s == step]:
             kv = _prefill(model, ps[i])
             if i == group:
+                before = batch.nbytes
                 batch.add_group(kv, 3)
+                # The 3 samples share one copy of the prompt's keys and values.
+                assert batch.nbytes - before == sum(k.nbytes + v.nbytes for k, v in kv)
                 new = [(i, j) for j in range(3)]
                 at = len(rows)
             else:
@@ -96,6 +105,28 @@ def test_seq_cache_prefill_equals_generate_steps(model):
     logits = model(mx.array(ids[-1:])[None], cache=caches)[0, -1]
     assert mx.argmax(logits).item() == greedy(model, ids, 1)[0]
     assert caches[0].offset == len(ids) and caches[0].state()[0].shape[2] == len(ids)
+
+
+def test_prefill_rows_of_different_contexts_equal_each_prefilled_alone(model):
+    """Several prompts' next tokens, each after a cached context of its own length (or
+    none), run as one left-padded batch: every row's keys and values are bit-identical
+    to running it alone."""
+    rng = random.Random(4)
+    for rows in ([(6, 7), (0, 5), (8, 1), (3, 12)], [(0, 4), (0, 9)]):  # (cached, new) tokens
+        _check_prefill_rows(model, rows, rng)
+
+
+def _check_prefill_rows(model, rows, rng):
+    seqs = [[rng.randrange(3, 512) for _ in range(a + b)] for a, b in rows]
+    contexts = [[c.state() for c in _run(model, s[:a])] if a else None
+                for (a, _), s in zip(rows, seqs)]
+    got = prefill_rows(model, contexts, [s[a:] for (a, _), s in zip(rows, seqs)])
+    for (a, _), s, ctx in zip(rows, seqs, got):
+        alone = _run(model, s[:a])
+        model(mx.array(s[a:])[None], cache=alone)
+        for (k, v), c in zip(ctx, alone):
+            ref_k, ref_v = c.state()
+            assert k.shape == ref_k.shape and mx.array_equal(k, ref_k) and mx.array_equal(v, ref_v)
 
 
 # ----------------------------------------------------------------------------- prompt cache
@@ -136,9 +167,9 @@ class Collect:
     def __init__(self):
         self.events, self.finished = [], threading.Event()
 
-    def __call__(self, ev):
-        self.events.append(ev)
-        if isinstance(ev, (Done, Failed)):
+    def __call__(self, events):
+        self.events += events
+        if isinstance(events[-1], (Done, Failed)):
             self.finished.set()
 
     def wait(self, timeout=60):
@@ -191,6 +222,7 @@ def test_concurrent_greedy_requests_equal_each_served_alone(engine, model):
     assert got == want
     assert all(isinstance(c.end, Done) and c.reasons() == {0: "length"} for _, c in jobs)
     assert engine.stats["max_batch"] > 1  # they did share decode steps
+    assert engine.stats["prefill_calls"] < 6  # and some were prefilled together
 
 
 def test_n_samples_prefill_the_prompt_once(engine, model, tok):
@@ -211,6 +243,20 @@ def test_n_samples_prefill_the_prompt_once(engine, model, tok):
         runs.append([c.wait().tokens(i) for i in range(4)])
     assert runs[0] == runs[1] and len({tuple(s) for s in runs[0]}) > 1
     assert sample_k(model, ids, 2, GenerationConfig(max_tokens=6), tok.eos_id).tokens == [ref] * 2
+
+
+def test_the_samples_of_one_request_join_the_batch_over_one_prompt_copy(model, tok):
+    from llama2_mlx.serve.runs import Lane, Run
+
+    lane = Lane("m", model, tok)
+    ids = prompts(1, seed=2, lengths=(20,))[0]
+    kv = _prefill(model, ids)
+    lane.add(Run(job(ids, 4, n=3)[0], lane), kv)
+    lane.add(Run(job(ids, 4)[0], lane), kv)
+    prompt_bytes = sum(k.nbytes + v.nbytes for k, v in kv)
+    assert len(lane.rows) == 4 and lane.batch.n_plain == 1
+    assert lane.batch.nbytes == 2 * prompt_bytes  # once for the 3 samples, once for the other
+    assert lane.next.tolist() == [ids[-1]] * 4
 
 
 def test_seeded_sampling_does_not_depend_on_other_traffic(engine):

@@ -69,6 +69,90 @@ class SeqCache:
                 mx.contiguous(self.values[..., : self.offset, :]))
 
 
+class _PrefillLayer:
+    """One layer of ``prefill_rows``: the cached contexts (right-aligned at N) and then
+    this call's tokens (right-aligned at N+M); masked so that each row sees exactly its
+    own context and its new tokens causally."""
+
+    def __init__(self, batch: "_PrefillBatch", i: int):
+        self.batch, self.i = batch, i
+        self.new: Optional[KV] = None
+
+    @property
+    def offset(self) -> mx.array:
+        return self.batch.positions
+
+    def make_mask(self, T: int):
+        return None
+
+    def attend(self, q, k, v, scale, mask=None):
+        self.new = (k, v)
+        cached = self.batch.cached[self.i]
+        if cached is not None:
+            k = mx.concatenate([cached[0], k], axis=2)
+            v = mx.concatenate([cached[1], v], axis=2)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=self.batch.mask)
+
+
+class _PrefillBatch:
+    def __init__(self, contexts: Sequence[Optional[Sequence[KV]]], lengths: Sequence[int],
+                 n_layers: int):
+        self.n = [0 if c is None else c[0][0].shape[2] for c in contexts]
+        self.m = list(lengths)
+        N, M, B = max(self.n), max(self.m), len(self.m)
+        self.cached: list[Optional[KV]] = [None] * n_layers
+        if N:
+            ref = next(c for c in contexts if c is not None)
+            for i in range(n_layers):
+                parts = []
+                for j in range(2):  # keys, values
+                    rows = []
+                    for c, n in zip(contexts, self.n):
+                        a = _zeros_like_rows(ref[i][j], 1, N - n)
+                        rows.append(a if c is None else mx.concatenate([a, c[i][j]], axis=2))
+                    parts.append(mx.concatenate(rows, axis=0))
+                self.cached[i] = (parts[0], parts[1])
+        # Row b's new token t (of T = M columns) is at position n_b + t - (M - m_b).
+        self.positions = mx.array([n - (M - m) for n, m in zip(self.n, self.m)])
+        q = mx.arange(M)[:, None]
+        keys = mx.arange(N + M)[None]
+        n, pad = mx.array(self.n)[:, None, None], mx.array([M - m for m in self.m])[:, None, None]
+        in_context = (keys >= N - n) & (keys < N)
+        in_new = (keys >= N + pad) & (keys - N <= q)
+        self.mask = (in_context | in_new | (keys - N == q))[:, None]  # (B, 1, M, N+M)
+        self.layers = [_PrefillLayer(self, i) for i in range(n_layers)]
+        self.B = B
+
+    def context(self, b: int) -> list[KV]:
+        """Row b's whole context (cached and new) per layer, as arrays of its own."""
+        N, M = max(self.n), max(self.m)
+        out = []
+        for i, layer in enumerate(self.layers):
+            kv = []
+            for j in range(2):
+                new = layer.new[j][b : b + 1, :, M - self.m[b] :, :]
+                if self.n[b]:
+                    new = mx.concatenate([self.cached[i][j][b : b + 1, :, N - self.n[b] :, :], new],
+                                         axis=2)
+                kv.append(mx.contiguous(new))
+            out.append((kv[0], kv[1]))
+        return out
+
+
+def prefill_rows(model, contexts: Sequence[Optional[Sequence[KV]]],
+                 tokens: Sequence[Sequence[int]]) -> list[list[KV]]:
+    """Run several sequences' next tokens (each after its cached context, None: none) as
+    one left-padded batch; return each one's context per layer. A row's keys and values
+    are those of running it alone (its padding is masked out, its positions are its own)."""
+    M = max(len(t) for t in tokens)
+    batch = _PrefillBatch(contexts, [len(t) for t in tokens], len(model.layers))
+    ids = mx.array([[t[0]] * (M - len(t)) + list(t) for t in tokens])
+    model(ids, cache=batch.layers)  # lazily: only what the caches need is computed
+    out = [batch.context(b) for b in range(batch.B)]
+    mx.eval(out)
+    return out
+
+
 class _Rows:
     """Rows whose own keys are right-aligned in one array per layer: row b holds its
     tokens in columns ``pad[b]:S``."""

@@ -25,7 +25,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from llama2_mlx.serve.batch import SeqCache
+from llama2_mlx.serve.batch import SeqCache, prefill_rows
 from llama2_mlx.serve.jobs import Delta, Done, Failed, Finish, Job, TokenInfo
 from llama2_mlx.serve.prompt_cache import LRUPromptCache
 from llama2_mlx.serve.runs import Lane, Run, Sample, StepOut
@@ -57,7 +57,8 @@ class Engine:
         self.runs: dict[int, Run] = {}  # id(job) -> run, admitted or waiting
         self.active_rows = 0
         self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, prefilled_tokens=0,
-                          cached_tokens=0, generated_tokens=0, decode_steps=0, max_batch=0)
+                          prefill_calls=0, cached_tokens=0, generated_tokens=0, decode_steps=0,
+                          max_batch=0)
         self._thread: Optional[threading.Thread] = None
         self._running = False
 
@@ -107,10 +108,11 @@ class Engine:
                     break
                 try:
                     self._admit()
-                except Exception:  # a bug, not bad input: fail the waiting run, live on
+                except Exception:  # fail the run being prefilled, live on
                     log.exception("prefill failed")
-                    if self.waiting:
-                        self._fail(self.waiting[0], 500, "the engine failed on this request")
+                    head = next((r for r in self.waiting if r.started), None)
+                    if head is not None:
+                        self._fail(head, 500, "the engine failed on this request")
                 for lane in self.lanes.values():
                     if lane.rows or lane.inflight:
                         try:
@@ -155,14 +157,14 @@ class Engine:
         self.stats["requests"] += 1
         lane = self.lanes.get(job.model)
         if lane is None:
-            job.emit(Failed(404, f"the model {job.model!r} is not served"))
+            job.emit([Failed(404, f"the model {job.model!r} is not served")])
             return
         try:
             run = Run(job, lane)
             if run.processors:
                 run.history = mx.repeat(mx.array(job.prompt)[None], run.k, axis=0)
         except Exception as e:  # options the protocol should have refused
-            job.emit(Failed(400, str(e)))
+            job.emit([Failed(400, str(e))])
             return
         self.runs[id(job)] = run
         self.waiting.append(run)
@@ -177,16 +179,17 @@ class Engine:
         if id(run.job) in self.runs:
             self.stats["failed"] += 1
             self._drop(run)
-            run.job.emit(Failed(status, message))
+            run.outbox.append(Failed(status, message))
+            self._flush(run)
 
     def _drop(self, run: Run) -> None:
         """Forget ``run``: out of the queue or the batch, its cache freed."""
         del self.runs[id(run.job)]
         if run in self.waiting:
             self.waiting.remove(run)
-        if run.prefill is not None:
+        if run.started:
             self.active_rows -= run.k
-        run.prefill = None
+        run.started, run.kv, run.chunks = False, None, None
         lane = run.lane
         if any(r.run is run for r in lane.rows):
             lane.keep([i for i, r in enumerate(lane.rows) if r.run is not run])
@@ -202,45 +205,84 @@ class Engine:
     # --------------------------------------------------------------- prefill
 
     def _admit(self) -> None:
-        budget = self.prefill_step
-        while self.waiting:
-            run = self.waiting[0]
-            if run.prefill is None:
+        """Start the waiting runs that fit (in arrival order), then prefill: the short
+        prompts of one model together as one batch (about ``prefill_step`` tokens in
+        all), a long one alone in chunks of ``prefill_step``, one chunk per iteration."""
+        for run in self.waiting:
+            if not run.started:
                 if self.active_rows and self.active_rows + run.k > self.max_concurrency:
-                    return
+                    break
                 self._start_prefill(run)
-            if run.todo:
-                decoding = any(lane.rows for lane in self.lanes.values())
-                if budget <= 0 and decoding:
-                    return
-                chunk = run.todo[: self.prefill_step]
-                run.lane.model(mx.array(chunk)[None], cache=run.prefill)
-                mx.eval([(c.keys, c.values) for c in run.prefill])
-                run.todo = run.todo[len(chunk):]
-                budget -= len(chunk)
-                self.stats["prefilled_tokens"] += len(chunk)
-            if not run.todo:
-                self.waiting.popleft()
+        started = [r for r in self.waiting if r.started]
+        if not started:
+            return
+        head = started[0]
+        if len(head.todo) > self.prefill_step or head.chunks is not None:
+            self._prefill_chunk(head)
+            return
+        group, total = [], 0
+        for run in started:
+            n = len(run.todo)
+            if n > self.prefill_step or run.lane is not head.lane or (total + n > self.prefill_step
+                                                                      and total):
+                break
+            group.append(run)
+            total += n
+        work = [r for r in group if r.todo]
+        if work:
+            model = head.lane.model
+            try:
+                contexts = prefill_rows(model, [r.kv for r in work], [r.todo for r in work])
+            except Exception:
+                if len(work) == 1:
+                    raise
+                log.exception("batched prefill failed; prefilling one by one")
+                contexts = [self._prefill_alone(model, r) for r in work]
+            self.stats["prefilled_tokens"] += total
+            self.stats["prefill_calls"] += 1
+            for run, kv in zip(work, contexts):
+                run.kv, run.todo = kv, []
+        for run in group:
+            if id(run.job) in self.runs:  # not failed above
+                self.waiting.remove(run)
                 self._join(run)
 
+    def _prefill_alone(self, model, run: Run):
+        try:
+            return prefill_rows(model, [run.kv], [run.todo])[0]
+        except Exception:
+            log.exception("prefill failed")
+            self._fail(run, 500, "the engine failed on this request")
+
+    def _prefill_chunk(self, run: Run) -> None:
+        if run.chunks is None:
+            run.chunks = [SeqCache(run.kv[i] if run.kv else None)
+                          for i in range(len(run.lane.model.layers))]
+        chunk, run.todo = run.todo[: self.prefill_step], run.todo[self.prefill_step :]
+        run.lane.model(mx.array(chunk)[None], cache=run.chunks)
+        mx.eval([(c.keys, c.values) for c in run.chunks])
+        self.stats["prefilled_tokens"] += len(chunk)
+        self.stats["prefill_calls"] += 1
+        if not run.todo:
+            run.kv, run.chunks = [c.state() for c in run.chunks], None
+            self.waiting.remove(run)
+            self._join(run)
+
     def _start_prefill(self, run: Run) -> None:
-        """The prompt but its last token is prefilled (the last one is the first decode
-        step's input), from the longest prefix in the prompt cache."""
-        lane, ids = run.lane, run.job.prompt
-        n, kv = self.cache.lookup(lane.name, ids)
-        layers = len(lane.model.layers)
-        run.prefill = [SeqCache(kv[i] if kv else None) for i in range(layers)]
-        run.cached = n
-        run.todo = list(ids[n:-1])
+        """The prompt but its last token is to be prefilled (the last one is the first
+        decode step's input), after the longest prefix in the prompt cache."""
+        ids = run.job.prompt
+        n, run.kv = self.cache.lookup(run.lane.name, ids)
+        run.cached, run.todo, run.started = n, list(ids[n:-1]), True
         self.active_rows += run.k
         self.stats["cached_tokens"] += n
 
     def _join(self, run: Run) -> None:
-        kv = [c.state() for c in run.prefill] if run.prefill[0].offset else None
-        run.prefill = []  # done (not None: its rows still count as active)
-        if kv is not None:
-            self.cache.insert(run.lane.name, run.job.prompt[:-1], kv)
-        run.lane.add(run, kv)
+        """The prefilled run's rows join its lane's batch."""
+        if run.kv is not None and run.cached < len(run.job.prompt) - 1:
+            self.cache.insert(run.lane.name, run.job.prompt[:-1], run.kv)
+        run.lane.add(run, run.kv)
+        run.kv = None
 
     # --------------------------------------------------------------- decoding
 
@@ -322,15 +364,16 @@ class Engine:
                 self._on_token(row, ys[b], lps[b] if lps is not None else None, alts)
                 if row.done:
                     finished.append(row)
-        if not finished:
-            return
-        for row in finished:
-            if row.run.k == 1:
-                self._remember(lane, row)
-        lane.keep([i for i, r in enumerate(lane.rows) if not r.done])
-        for run in {id(r.run): r.run for r in finished}.values():
-            if all(r.done for r in run.rows) and id(run.job) in self.runs:
-                self._complete(run)
+        if finished:
+            for row in finished:
+                if row.run.k == 1:
+                    self._remember(lane, row)
+            lane.keep([i for i, r in enumerate(lane.rows) if not r.done])
+            for run in {id(r.run): r.run for r in finished}.values():
+                if all(r.done for r in run.rows) and id(run.job) in self.runs:
+                    self._complete(run)
+        for run, _, _ in out.segments:
+            self._flush(run)
 
     def _on_token(self, row: Sample, token: int, logprob: Optional[float], alts) -> None:
         run = row.run
@@ -354,11 +397,11 @@ class Engine:
             row.text.append(text)
             row.infos += info
         elif text or info:
-            run.job.emit(Delta(row.index, text, info))
+            run.outbox.append(Delta(row.index, text, info))
         if reason is not None:
             row.done, row.reason = True, reason
             if not run.buffered:
-                run.job.emit(Finish(row.index, reason))
+                run.outbox.append(Finish(row.index, reason))
 
     def _remember(self, lane: Lane, row: Sample) -> None:
         """Keep a finished sequence's context (prompt and answer) in the prompt cache."""
@@ -379,13 +422,24 @@ class Engine:
             except Exception:
                 log.exception("scoring best_of samples failed")
                 self.stats["failed"] += 1
-                job.emit(Failed(500, "scoring the best_of samples failed"))
+                run.outbox.append(Failed(500, "scoring the best_of samples failed"))
+                self._flush(run)
                 return
             for i, row in enumerate(chosen):
-                job.emit(Delta(i, "".join(row.text), row.infos))
-                job.emit(Finish(i, row.reason, rewards[i] if rewards else None))
+                run.outbox.append(Delta(i, "".join(row.text), row.infos))
+                run.outbox.append(Finish(i, row.reason, rewards[i] if rewards else None))
         self.stats["completed"] += 1
-        job.emit(Done(len(job.prompt), sum(r.completion_tokens for r in run.rows), run.cached))
+        run.outbox.append(Done(len(job.prompt), sum(r.completion_tokens for r in run.rows),
+                               run.cached))
+        self._flush(run)
+
+    @staticmethod
+    def _flush(run: Run) -> None:
+        """Emit the run's pending events: every step while streaming, else at the end."""
+        events = run.outbox
+        if events and (run.job.stream or isinstance(events[-1], (Done, Failed))):
+            run.outbox = []
+            run.job.emit(events)
 
     def _best(self, run: Run):
         """The n best samples (best first) and, with a reward model, their rewards."""

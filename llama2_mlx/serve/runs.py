@@ -54,9 +54,12 @@ class Run:
         self.steps = 0
         self.history: Optional[mx.array] = None  # (k, L) ids the processors see
         self.rows = [Sample(self, i, lane.tokenizer) for i in range(self.k)]
-        self.prefill: Optional[list[SeqCache]] = None
-        self.todo: list[int] = []
+        self.started = False  # admitted: its rows count against max_concurrency
+        self.kv: Optional[list] = None  # its context so far, per layer (until it joins)
+        self.todo: list[int] = []  # prompt tokens still to prefill
+        self.chunks: Optional[list[SeqCache]] = None  # a long prompt's chunked prefill
         self.cached = 0
+        self.outbox: list = []  # events not yet emitted
         self.needs_logprobs = job.logprobs or job.best_of is not None
         self.buffered = job.best_of is not None
 
