@@ -130,14 +130,14 @@ def create_app(engine: Engine, tokenizer, models: list[str], limits: Limits, *,
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(ev) -> None:  # called on the engine thread
+        def emit(batch: list) -> None:  # called on the engine thread
             try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
+                loop.call_soon_threadsafe(events.put_nowait, batch)
             except RuntimeError:  # the event loop is closed: the server is going down
                 pass
 
         job = Job(p.model, p.prompt, p.config, emit, n=p.n, best_of=p.best_of,
-                  logprobs=p.logprobs, top_logprobs=p.top_logprobs)
+                  logprobs=p.logprobs, top_logprobs=p.top_logprobs, stream=p.stream)
         reply = Reply(p, tokenizer)
         engine.submit(job)
         if p.stream:
@@ -150,18 +150,19 @@ def create_app(engine: Engine, tokenizer, models: list[str], limits: Limits, *,
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                    batch = await asyncio.wait_for(events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse(error_body("client disconnected"), status_code=499)
                     continue
-                if isinstance(ev, Failed):
-                    finished = True
-                    raise APIError(ev.message, status=ev.status)
-                reply.add(ev)
-                if isinstance(ev, Done):
-                    finished = True
-                    return JSONResponse(reply.response())
+                for ev in batch:
+                    if isinstance(ev, Failed):
+                        finished = True
+                        raise APIError(ev.message, status=ev.status)
+                    reply.add(ev)
+                    if isinstance(ev, Done):
+                        finished = True
+                        return JSONResponse(reply.response())
         finally:
             if not finished:
                 engine.cancel(job)
@@ -171,18 +172,18 @@ def create_app(engine: Engine, tokenizer, models: list[str], limits: Limits, *,
         try:
             for chunk in reply.first_chunks():
                 yield _sse(chunk)
-            while True:
-                ev = await events.get()
-                if isinstance(ev, Failed):
-                    finished = True
-                    yield _sse(error_body(ev.message, "server_error" if ev.status >= 500
-                                          else "invalid_request_error"))
-                    break
-                for chunk in reply.chunks(ev):
-                    yield _sse(chunk)
-                if isinstance(ev, Done):
-                    finished = True
-                    break
+            while not finished:
+                out = []
+                for ev in await events.get():
+                    if isinstance(ev, Failed):
+                        out.append(_sse(error_body(ev.message, "server_error" if ev.status >= 500
+                                                   else "invalid_request_error")))
+                        finished = True
+                        break
+                    out += [_sse(chunk) for chunk in reply.chunks(ev)]
+                    finished = isinstance(ev, Done)
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             if not finished:

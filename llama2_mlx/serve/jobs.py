@@ -54,22 +54,23 @@ class Failed:
 
 @dataclass
 class Job:
-    """One request: prompt ids, options, and ``emit`` (called on the engine thread with
-    each event: ``Delta``/``Finish`` ..., then ``Done`` or ``Failed``).
+    """One request: prompt ids, options, and ``emit``, called on the engine thread with
+    lists of events (``Delta``/``Finish`` of the choices ..., the last one ``Done`` or
+    ``Failed``): one list per decode step while ``stream``, else one at the end.
 
     ``n`` choices; with ``best_of`` K, K samples of which the best n are returned at the
-    end (by reward with a reward model, else by mean logprob). ``stream`` False or
-    ``best_of``: the choices' events still come as they are made, except best_of's.
+    end (by reward with a reward model, else by mean logprob).
     """
 
     model: str
     prompt: list[int]
     config: GenerationConfig
-    emit: Callable[[object], None]
+    emit: Callable[[list], None]
     n: int = 1
     best_of: Optional[int] = None
     logprobs: bool = False
     top_logprobs: int = 0
+    stream: bool = True
     cancelled: bool = False
 
     @property
