@@ -173,6 +173,7 @@ class Server:
         finally:
             self.engine.stop()
             self.sock.close()
+            self.note("llama2 serve: stopped")
 
     def start_in_thread(self, timeout: float = 60.0) -> "Server":
         """Serve from a thread (tests, benchmarks); returns once it accepts connections."""
