@@ -443,6 +443,23 @@ def test_sigterm_finishes_or_cancels_in_flight_requests_and_exits_cleanly(model_
     assert "Traceback" not in "".join(lines)
 
 
+def test_adapter_path_adapts_the_default_model_on_the_shared_base(artifacts):
+    from mlx.utils import tree_flatten
+
+    from llama2_mlx.models.lora import lora_layers
+    from llama2_mlx.serve.server import ServeConfig, load_served
+
+    adapter, rm_dir = artifacts
+    served = load_served(ServeConfig(adapter_path=str(adapter), adapters={"again": str(adapter)},
+                                     reward_model=str(rm_dir)))
+    assert served.names == [DEMO, "again"]
+    (default, _), (again, _) = served.models[DEMO], served.models["again"]
+    assert lora_layers(default) and lora_layers(again) and default is not again
+    base = {id(v) for k, v in tree_flatten(default.parameters()) if "lora" not in k}
+    # The reward model, trained (with LoRA) on the demo model, runs on the same arrays.
+    assert base & {id(v) for _, v in tree_flatten(served.reward_model.parameters())}
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -1,8 +1,10 @@
 """The KV caches of the serving engine.
 
-``SeqCache`` holds one sequence's keys and values while its prompt is prefilled
-(batch 1, exactly the computation of ``generate``). ``DecodeBatch`` holds every
-sequence that is decoding, so that one model call per step serves them all:
+``SeqCache`` holds one sequence's keys and values while a long prompt is prefilled in
+chunks (batch 1, exactly the computation of ``generate``); ``prefill_rows`` runs several
+prompts at once as one left-padded batch, each after its own cached prefix (masked so
+that every row computes what it would alone). ``DecodeBatch`` holds every sequence that
+is decoding, so that one model call per step serves them all:
 
 * **plain rows** (a request with n = 1) keep their whole context in one
   (B, n_kv_heads, S, head_dim) array, left-padded to the longest row; padding keys

@@ -234,10 +234,11 @@ class Engine:
             try:
                 contexts = prefill_rows(model, [r.kv for r in work], [r.todo for r in work])
             except Exception:
+                log.exception("prefill failed")
                 if len(work) == 1:
-                    raise
-                log.exception("batched prefill failed; prefilling one by one")
-                contexts = [self._prefill_alone(model, r) for r in work]
+                    self._fail(work[0], 500, "the engine failed on this request")
+                    return
+                contexts = [self._prefill_alone(model, r) for r in work]  # which one was it?
             self.stats["prefilled_tokens"] += total
             self.stats["prefill_calls"] += 1
             for run, kv in zip(work, contexts):

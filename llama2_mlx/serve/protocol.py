@@ -153,7 +153,9 @@ def parse(schema: type[_Strict], body: dict) -> _Strict:
     try:
         return schema.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
+        # The deepest error is the most telling one (of the branches of a union, the one
+        # the value nearly matched).
+        err = max(e.errors(), key=lambda x: len(x["loc"]))
         param = _param(err["loc"])
         if err["type"] == "extra_forbidden":
             raise APIError(f"Unrecognized request argument supplied: {param}", param=param,
