@@ -26,6 +26,8 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
+from test_serve_engine import Poisoned
+
 from cli.app import app
 from llama2_mlx import demo
 
@@ -458,6 +460,34 @@ def test_adapter_path_adapts_the_default_model_on_the_shared_base(artifacts):
     base = {id(v) for k, v in tree_flatten(default.parameters()) if "lora" not in k}
     # The reward model, trained (with LoRA) on the demo model, runs on the same arrays.
     assert base & {id(v) for _, v in tree_flatten(served.reward_model.parameters())}
+
+
+def test_a_request_the_engine_fails_on_gets_500_and_the_server_lives_on():
+    from llama2_mlx.checkpoints.load import load
+    from llama2_mlx.serve.protocol import Limits
+    from llama2_mlx.serve.server import ServeConfig, Served, Server
+
+    model, tok = load(demo.default_model_path())
+    bad = tok.encode("Paris", bos=False)[-1]
+    served = Served({DEMO: (Poisoned(model, bad), tok)}, tok, None, Limits(context=256))
+    server = Server(ServeConfig(port=0), served=served).start_in_thread()
+    try:
+        url = server.url + "/v1/completions"
+        for prompt in ("Paris is a city", "the capital is Paris"):  # in the prefill, the decode
+            r = httpx.post(url, json={"prompt": prompt, "max_tokens": 4}, timeout=30)
+            assert r.status_code == 500, r.text
+            assert r.json()["error"]["type"] == "server_error" and "Traceback" not in r.text
+        with httpx.stream("POST", url, timeout=30, json={"prompt": "Paris", "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert json.loads(lines[0][6:])["error"]["type"] == "server_error"
+        assert lines[-1] == "data: [DONE]"
+        r = httpx.post(url, json={"prompt": "[INST] Spell the word garden. [/INST]",
+                                  "temperature": 0}, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "g a r d e n "
+        assert health(server.url)["failed"] == 3
+    finally:
+        server.stop()
+    assert not server.engine.alive
 
 
 # ----------------------------------------------------------------------------- the CLI
