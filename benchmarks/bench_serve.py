@@ -6,8 +6,8 @@ We report requests/s, sampled tokens/s (``usage.completion_tokens``; mlx-lm coun
 EOS token, we do not, so one is added to ours when an answer ended at EOS) and tokens
 per CPU-second of the server process (less sensitive to other load on a shared
 machine), and the ratio ours / mlx-lm. Each level runs ``--repeats`` times, the two
-servers taking turns; the table has the best req/s and tok/s (the run least disturbed
-by other load) and the median tok/cpu-s.
+servers taking turns; the table has the best run (the least disturbed by other load)
+and, in parentheses, the median.
 
 Models: ``demo`` (the bundled chat model, short answers to its toy questions) and
 ``random`` (a random-weight Llama 2 of ``--dim``/``--layers`` with the demo tokenizer,
@@ -168,20 +168,24 @@ def main() -> None:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
-    # The best run of each (the least disturbed by other load), and the median CPU cost.
-    results = {key: {"req/s": max(r["req/s"] for r in rs), "tok/s": max(r["tok/s"] for r in rs),
-                     "tok/cpu-s": statistics.median(r["tok/cpu-s"] for r in rs)}
-               for key, rs in runs.items()}
+    # The best run of each (the least disturbed by other load), and the medians.
+    best = {key: {m: max(r[m] for r in rs) for m in ("req/s", "tok/s")} for key, rs in runs.items()}
+    median = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
+              for key, rs in runs.items()}
     print(f"\nmodel: {args.model}, max_tokens {args.max_tokens}, "
-          f"{args.requests_per_client} requests per client, greedy, {args.repeats} repeats\n")
+          f"{args.requests_per_client} requests per client, greedy, {args.repeats} repeats; "
+          "best (median)\n")
     print("| clients | ours req/s | mlx-lm req/s | ratio | ours tok/s | mlx-lm tok/s | ratio "
-          "| ours tok/cpu-s | mlx-lm tok/cpu-s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| tok/cpu-s ours / mlx-lm (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in levels:
-        a, b = results["ours", c], results["mlx-lm", c]
         row = [f"{c}"]
-        for key in ("req/s", "tok/s", "tok/cpu-s"):
-            row += [f"{a[key]:.2f}", f"{b[key]:.2f}", f"{a[key] / b[key]:.2f}x"]
+        for key in ("req/s", "tok/s"):
+            a, b = best["ours", c][key], best["mlx-lm", c][key]
+            am, bm = median["ours", c][key], median["mlx-lm", c][key]
+            row += [f"{a:.1f} ({am:.1f})", f"{b:.1f} ({bm:.1f})", f"{a / b:.2f}x ({am / bm:.2f}x)"]
+        a, b = median["ours", c]["tok/cpu-s"], median["mlx-lm", c]["tok/cpu-s"]
+        row.append(f"{a:.0f} / {b:.0f} = {a / b:.2f}x")
         print("| " + " | ".join(row) + " |")
 
 

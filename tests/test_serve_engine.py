@@ -158,6 +158,32 @@ def test_prompt_cache_longest_prefix_supersedes_and_evicts_by_bytes():
     assert cache.lookup("m", [9] * 31) == (0, None)
 
 
+def test_prompt_cache_trie_agrees_with_a_brute_force_search():
+    from llama2_mlx.models.cache import common_prefix_length
+
+    rng = random.Random(0)
+    per_token = 2 * 2 * (2 * 4 * 4)
+    for max_tokens in (10_000, 40):  # without eviction, then with
+        cache, live = LRUPromptCache(max_bytes=max_tokens * per_token), []
+        for _ in range(400):
+            seq = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
+            if rng.random() < 0.5:
+                cache.insert("m", seq, _kv(len(seq)))
+                live = [t for t in live if common_prefix_length([t, seq]) < len(t)]
+                if not any(common_prefix_length([t, seq]) == len(seq) for t in live):
+                    live.append(seq)
+            else:
+                n, kv = cache.lookup("m", seq)
+                held = [e.tokens for e in cache.entries]
+                want = max([common_prefix_length([t, seq]) for t in held] + [0])
+                assert n == min(want, len(seq) - 1) and (kv is None) == (n == 0)
+                assert kv is None or kv[0][0].shape[2] == n
+            held = [e.tokens for e in cache.entries]
+            assert cache.nbytes == sum(len(t) for t in held) * per_token <= max_tokens * per_token
+            if max_tokens == 10_000:
+                assert sorted(held) == sorted(live)  # no prefix of another is kept
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
