@@ -40,10 +40,13 @@ SHORTEN = {
 RENAME = {r"\biter_\d\d\b": "iter_01"}
 # Options added where the doc leaves them at their defaults.
 EXTRA = {"chat": ["--max-tokens", "8"]}
-# Commands of the section that are not run, with the reason (none at present).
-NOT_RUN: dict[str, str] = {}
+# Commands of the section that are not run, with the reason.
+NOT_RUN: dict[str, str] = {
+    "llama2 serve": "a server runs until it is stopped: tests/test_serve.py starts it and "
+                    "drives it with the openai client",
+}
 # Shell commands other than llama2 that the section may show (not run).
-OTHER_COMMANDS = ("pip ",)
+OTHER_COMMANDS = ("pip ", "curl ")
 # The option naming what a command writes (checked to exist after it ran).
 PRODUCES = {
     "demo data": "--out", "demo pairs": "--out", "demo prompts": "--out",

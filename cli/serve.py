@@ -1,0 +1,59 @@
+"""``llama2 serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import DType, cli_errors, dtype_name, eprint
+
+_MODELS, _LIMITS = "Models", "Limits"
+
+
+@cli_errors
+def serve(
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo "
+        "model, served as 'llama2-demo').", rich_help_panel=_MODELS)] = None,
+    adapter_path: Annotated[Optional[str], typer.Option(
+        help="LoRA adapters applied to the default model.", rich_help_panel=_MODELS)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option(
+        help="A further model NAME=PATH: the base with the LoRA adapters in PATH, chosen by "
+        "the request's 'model' (repeatable).", rich_help_panel=_MODELS)] = None,
+    reward_model: Annotated[Optional[str], typer.Option(
+        help="Reward model folder (reward-train): best_of picks by its reward.",
+        rich_help_panel=_MODELS)] = None,
+    dtype: Annotated[Optional[DType], typer.Option(
+        help="Compute dtype (default: checkpoint's).", rich_help_panel=_MODELS)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLAMA2_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on /v1 requests.")] = None,
+    max_kv_size: Annotated[Optional[int], typer.Option(
+        help="Most tokens per sequence, prompt + max_tokens (default: the model's context).",
+        rich_help_panel=_LIMITS)] = None,
+    prompt_cache_bytes: Annotated[int, typer.Option(
+        help="Bytes of prompt KV cache kept across requests (LRU; 0: off).",
+        rich_help_panel=_LIMITS)] = 1 << 30,
+    max_concurrency: Annotated[int, typer.Option(
+        help="Most sequences decoding at once as one batch (a request takes n or best_of; "
+        "the rest wait).", rich_help_panel=_LIMITS)] = 16,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat and completions, streaming,
+    n, best_of, logprobs); prints its URL on stderr when ready, stops on SIGTERM or Ctrl-C."""
+    from llama2_mlx.serve.server import ServeConfig, parse_adapter_specs, serve as run
+
+    config = ServeConfig(
+        model=model, adapter_path=adapter_path, adapters=parse_adapter_specs(adapters),
+        reward_model=reward_model, dtype=dtype_name(dtype), host=host, port=port,
+        api_key=api_key, max_kv_size=max_kv_size, prompt_cache_bytes=prompt_cache_bytes,
+        max_concurrency=max_concurrency,
+    )
+    config.check()  # before the (slow) model load
+    run(config, eprint)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
