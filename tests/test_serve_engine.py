@@ -12,12 +12,15 @@ import mlx.core as mx
 import pytest
 from conftest import make_model
 
+from llama2_mlx import blas
 from llama2_mlx.generation.generate import GenerationConfig, generate_step, sample_k
 from llama2_mlx.serve.batch import DecodeBatch, SeqCache, prefill_rows
 from llama2_mlx.serve.engine import Engine
 from llama2_mlx.serve.jobs import Delta, Done, Failed, Finish, Job
 from llama2_mlx.serve.prompt_cache import LRUPromptCache
 
+
+REFERENCE_BLAS = blas.describe().name == blas.REFERENCE
 
 def prompts(n, seed=0, lengths=(3, 11, 1, 24, 7, 16)):
     rng = random.Random(seed)
@@ -110,7 +113,9 @@ def test_seq_cache_prefill_equals_generate_steps(model):
 def test_prefill_rows_of_different_contexts_equal_each_prefilled_alone(model):
     """Several prompts' next tokens, each after a cached context of its own length (or
     none), run as one left-padded batch: every row's keys and values are bit-identical
-    to running it alone."""
+    to running it alone with MLX's reference BLAS. An optimized BLAS (OpenBLAS) picks its
+    kernels by the number of rows, so a batch of rows and one row round differently
+    there: float tolerance (the tokens are compared exactly by the live-server tests)."""
     rng = random.Random(4)
     for rows in ([(6, 7), (0, 5), (8, 1), (3, 12)], [(0, 4), (0, 9)]):  # (cached, new) tokens
         _check_prefill_rows(model, rows, rng)
@@ -126,7 +131,11 @@ def _check_prefill_rows(model, rows, rng):
         model(mx.array(s[a:])[None], cache=alone)
         for (k, v), c in zip(ctx, alone):
             ref_k, ref_v = c.state()
-            assert k.shape == ref_k.shape and mx.array_equal(k, ref_k) and mx.array_equal(v, ref_v)
+            assert k.shape == ref_k.shape
+            if REFERENCE_BLAS:
+                assert mx.array_equal(k, ref_k) and mx.array_equal(v, ref_v)
+            else:
+                assert mx.allclose(k, ref_k, atol=1e-5) and mx.allclose(v, ref_v, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- prompt cache
