@@ -21,7 +21,7 @@ app = typer.Typer(
 
 # Each module defines register(app) and owns its commands.
 COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.demo",
-                   "cli.env"]
+                   "cli.plot", "cli.env"]
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from llama2_mlx.chat.records import read_prompts
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import OptionError
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import read_jsonl
@@ -28,24 +28,26 @@ from llama2_mlx.rlhf.rejection import (
     write_report,
 )
 from llama2_mlx.rlhf.reward_model import RewardModel
+from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
 
 if TYPE_CHECKING:
     from llama2_mlx.training.sft import SFTOptions
 
 
 def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
-             lora_config=None, log: Callable[[str], None] = log_stderr):
+             lora_config=None, log: Callable[[str], None] = log_stderr, metrics=None):
     """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with
     ``sft.lora_train`` (``opts``: an ``sft.SFTOptions``; its data files, adapter path and
     resume are replaced); adapters the policy already has (``lora_config`` describes them)
     are trained further, else new ones are added. The adapters are written to
-    ``adapter_path``. Returns the trainer's result."""
+    ``adapter_path``, the metrics to ``metrics`` (a ``MetricsLog``; default: the adapter
+    folder's metrics.jsonl). Returns the trainer's result."""
     from llama2_mlx.training.sft import lora_train
 
     opts = opts.with_options(data=None, train=str(train_file), valid=None, test=None,
                              adapter_path=str(adapter_path), resume=False)
     return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
-                      description="rs fine-tune").train
+                      description="rs fine-tune", metrics=metrics).train
 
 
 # rs-loop's fine-tunes: lora-train's defaults but for a higher peak learning rate.
@@ -71,7 +73,7 @@ class RSLoopConfig:
         if self.sft is None:
             self.sft = SFTOptions.resolve(defaults=FINETUNE_DEFAULTS)
         if self.iterations < 1:
-            raise Llama2Error(f"--iterations must be at least 1 (got {self.iterations})")
+            raise OptionError("{iterations} must be at least 1 (got {got})", got=self.iterations)
 
 
 @dataclass
@@ -98,7 +100,8 @@ class IterationSummary:
 SETTINGS_FILE = "rs_loop.json"
 SUMMARY_FILE = "summary.jsonl"
 # SFTOptions fields that rs-loop sets itself or that do not change the results.
-_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress")
+_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress",
+                 "log_every")
 
 
 def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
@@ -128,20 +131,23 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     """The finished iterations of the run in ``out`` and its pool of winners."""
     f = out / SETTINGS_FILE
     if not f.exists() or not (out / SUMMARY_FILE).exists():
-        raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
+        raise OptionError("{resume}: {out} holds no rs-loop run to continue (no {name})",
+                          out=out, name=f.name)
     diff = list(_differences(json.loads(f.read_text()), settings))
     if diff:
-        raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
-                          "use the same options, or a new --out")
+        raise OptionError("{resume}: {f} was written with other settings ({diff}); "
+                          "use the same options, or a new {out}", f=f, diff=diff[0])
     summaries = [IterationSummary(**rec) for _, rec in read_jsonl(out / SUMMARY_FILE)]
     if [s.iteration for s in summaries] != list(range(len(summaries))):
-        raise Llama2Error(f"--resume: {out / SUMMARY_FILE} is not a run of iterations 0, 1, ...")
+        raise OptionError("{resume}: {out_SUMMARY_FILE} is not a run of iterations 0, 1, ...",
+                          out_SUMMARY_FILE=out / SUMMARY_FILE)
     pool: list[dict] = []
     last = len(summaries) - 1
     if last >= 1:
         d = out / f"iter_{last:02d}"
         if not (d / "adapters" / "adapter_config.json").exists():
-            raise Llama2Error(f"--resume: {d / 'adapters'} is missing (iteration {last})")
+            raise OptionError("{resume}: {d_adapters} is missing (iteration {last})",
+                              d_adapters=d / 'adapters', last=last)
         pool = [rec for _, rec in read_jsonl(d / "train.jsonl")]
     return summaries, pool
 
@@ -161,7 +167,8 @@ def rs_loop(
     starting policy on the whole pool and measures its mean greedy reward. Under
     ``out_dir/iter_NN/`` it writes ``samples.jsonl`` (all K), ``winners.jsonl``,
     ``train.jsonl`` (the pool) and ``adapters/``; ``summary.jsonl`` gets one line per
-    iteration, iteration 0 being the starting policy. ``resume`` continues the run in
+    iteration, iteration 0 being the starting policy, and ``metrics.jsonl`` the
+    fine-tunes' metrics (with their ``iteration``) and an "iteration" record each. ``resume`` continues the run in
     ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
     grow), with the same results as a run that was never stopped.
     """
@@ -173,17 +180,22 @@ def rs_loop(
     if resume:
         summaries, pool = _resumed(out, settings)
     elif (out / SUMMARY_FILE).exists():
-        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
-                          "to continue it, or choose another --out")
+        raise OptionError("{path}: holds an earlier rs-loop run ({file}); pass {resume} "
+                          "to continue it, or choose another {out}", path=out, file=SUMMARY_FILE)
     else:
         summaries, pool = [], []
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / SETTINGS_FILE, settings)
     greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
+    metrics = MetricsLog(out / METRICS_FILE)
+    metrics.restart(len(summaries) - 1 if resume else -1, key="iteration")
 
     def record(s: IterationSummary) -> None:
         summaries.append(s)
         write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
+        metrics.write("iteration", s.iteration, iteration=s.iteration,
+                      mean_greedy_reward=s.mean_greedy_reward, mean_best_reward=s.mean_best_reward,
+                      mean_median_reward=s.mean_median_reward, pool_size=s.pool_size)
         log(s.line())
 
     def greedy(p) -> float:
@@ -214,7 +226,7 @@ def rs_loop(
         policy, tokenizer = load_policy()
         sft = config.sft.with_options(seed=config.sft.train.seed + it)
         finetune(policy, tokenizer, d / "train.jsonl", d / "adapters", sft,
-                 lora_config=lora_config, log=log)
+                 lora_config=lora_config, log=log, metrics=metrics.scoped(iteration=it))
         record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,
                                 len(pool), str(d / "adapters"), time.perf_counter() - tic))
     return summaries

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.io.atomic import atomic_dir
 
 PARAMS_FILE = "params.safetensors"
@@ -59,7 +59,7 @@ def load_checkpoint(root) -> tuple[Path, dict[str, mx.array], dict, dict]:
     """The newest checkpoint under ``root``: (folder, params, flat optimizer state, state)."""
     found = list_checkpoints(root)
     if not found:
-        raise Llama2Error(f"--resume: no checkpoint found in {root}")
+        raise OptionError("{resume}: no checkpoint found in {root}", root=root)
     path = found[-1]
     try:
         params = mx.load(str(path / PARAMS_FILE))
