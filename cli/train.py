@@ -82,7 +82,14 @@ def lora_train(
         grad_checkpoint=grad_checkpoint, seed=seed, progress=progress, log_every=log_every,
         dtype=dtype,
     )
-    sft.lora_train(sft.SFTOptions.resolve(cli, config_file=config, preset=preset), log=eprint)
+    result = sft.lora_train(sft.SFTOptions.resolve(cli, config_file=config, preset=preset),
+                            log=eprint)
+    # The results (stdout): the last validation loss and the test loss.
+    if result.train.val_losses:
+        step, loss = result.train.val_losses[-1]
+        typer.echo(f"val loss {loss:.4f} (step {step})")
+    if result.test_loss is not None:
+        typer.echo(f"test loss {result.test_loss:.4f}, perplexity {result.test_ppl:.3f}")
 
 
 def register(app: typer.Typer) -> None:

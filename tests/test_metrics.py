@@ -90,6 +90,9 @@ def test_lora_train_writes_metrics_and_logs_progress_lines(tmp_path, model_dir, 
     assert [x.split(":")[0] for x in lines] == ["lora-train 2/4", "lora-train 4/4"]
     assert all(" tok/s, peak " in x and "loss " in x and "lr " in x for x in lines), lines
     first = records(ad / "metrics.jsonl")
+    # the results on stdout, the messages on stderr
+    val = [x for x in recs if x["kind"] == "val"][-1]["val_loss"]
+    assert r.stdout == f"val loss {val:.4f} (step 4)\n"
 
     # Resumed from step 2 (the step-4 checkpoint lost): the same records, none twice.
     shutil.rmtree(ad / "checkpoints" / "step_0000004")

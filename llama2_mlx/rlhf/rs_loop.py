@@ -207,7 +207,7 @@ def rs_loop(
         policy, tokenizer = load_policy()
     else:
         policy, tokenizer = load_policy(out / f"iter_{done:02d}" / "adapters")
-        log(f"resuming {out} after iteration {done} (pool {len(pool)})")
+        log(f"resuming {out.resolve()} after iteration {done} (pool {len(pool)})")
     if done < 0:
         record(IterationSummary(0, greedy(policy)))
     base_seed = config.rs.generation.seed if config.rs.generation.seed is not None else 0
