@@ -85,13 +85,18 @@ def test_generate_chat_format_and_sampling_options(model_dir, tok):
     assert r.exit_code == 2 and r.stderr == "error: --system needs the chat format, not --raw\n"
 
 
-def test_the_prompt_from_stdin(model_dir):
+def test_the_prompt_from_stdin(model_dir, tok):
+    text = "the quick brown fox\njumps over the lazy dog"
     r = runner.invoke(app, ["generate", "-m", str(model_dir), "-p", "-", "--max-tokens", "4"],
-                      input="the fox\n")
-    want = runner.invoke(app, ["generate", "-m", str(model_dir), "-p", "the fox",
-                               "--max-tokens", "4"])
+                      input=text + "\n")
+    want = runner.invoke(app, ["generate", "-m", str(model_dir), "-p", text, "--max-tokens", "4"])
     assert r.exit_code == 0, r.stderr
-    assert r.stdout == want.stdout and "prompt: " in r.stderr
+    assert r.stdout == want.stdout
+    n = len(tok.encode_chat([user(text)]))  # all of stdin, its last newline aside
+    assert f"prompt: {n} tokens" in r.stderr and f"prompt: {n} tokens" in want.stderr
+    r = runner.invoke(app, ["generate", "-m", str(model_dir), "-p", "-", "--raw",
+                            "--max-tokens", "4"], input=text + "\n")
+    assert f"prompt: {len(tok.encode(text, bos=True))} tokens" in r.stderr
 
 
 def test_several_prompts_run_as_one_batch(model_dir, tok, tmp_path):

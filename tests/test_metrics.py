@@ -94,8 +94,12 @@ def test_lora_train_writes_metrics_and_logs_progress_lines(tmp_path, model_dir, 
     val = [x for x in recs if x["kind"] == "val"][-1]["val_loss"]
     assert r.stdout == f"val loss {val:.4f} (step 4)\n"
 
-    # Resumed from step 2 (the step-4 checkpoint lost): the same records, none twice.
+    # Resumed from step 2 (the step-4 checkpoint lost): the same records, none twice, and
+    # the steps after 2 are the resumed run's (a stale record of the lost steps is dropped).
     shutil.rmtree(ad / "checkpoints" / "step_0000004")
+    stale = [dict(x, train_loss=99.0) if (x["kind"], x["step"]) == ("train", 3) else x
+             for x in first]
+    (ad / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
     r = lora_train(model_dir, sft_data, ad, "--resume", "--steps-per-report", "1")
     assert r.exit_code == 0, r.output
     again = records(ad / "metrics.jsonl")

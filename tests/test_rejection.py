@@ -27,9 +27,8 @@ from llama2_mlx.checkpoints.export import save_model
 from llama2_mlx.checkpoints.load import load
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate
-from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
-from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
 from llama2_mlx.models.lora import LoRAConfig
+from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
 from llama2_mlx.rlhf.reward import (
     RewardTrainConfig,
     fit_reward_model,
@@ -37,6 +36,7 @@ from llama2_mlx.rlhf.reward import (
 )
 from llama2_mlx.rlhf.reward_data import PreferencePair, encode_pairs
 from llama2_mlx.rlhf.reward_model import load_reward_model, save_reward_model
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
 from llama2_mlx.training.data import SFTBatches, load_samples, tokenize_record
 from llama2_mlx.training.sft import DataConfig, SFTOptions, sft_loss
 from llama2_mlx.training.trainer import TrainConfig, train

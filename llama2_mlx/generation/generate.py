@@ -25,7 +25,13 @@ from llama2_mlx.generation.sample import (
     make_logits_processors,
     make_sampler,
 )
-from llama2_mlx.models.cache import BoundedKVCache, PromptCache, cache_nbytes, fork, make_cache
+from llama2_mlx.models.cache import (
+    BoundedKVCache,
+    PromptCache,
+    cache_nbytes,
+    fork,
+    make_cache,
+)
 
 
 @dataclass
