@@ -3,12 +3,13 @@ with the bundled demo model."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import cli_errors, eprint
-from cli.options import AdapterOpt, DemoModelOpt
+from cli.common import add_command, cli_errors, eprint
+from cli.options import AdapterOpt, DemoModelOpt, NoProgressOpt
 
 demo_app = typer.Typer(
     help="The walkthrough's helpers for the bundled demo model: new-skill data, preference "
@@ -49,9 +50,11 @@ def data(
     from llama2_mlx.demo.skills import write_skill_data
 
     w = write_skill_data(skill, out, n=n, n_eval=n_eval, replay=replay, seed=seed)
-    typer.echo(f"wrote {', '.join(f'{f} ({c})' for f, c in w.records.items())} to {out} "
-               f"(train.jsonl: {w.records['train.jsonl'] - w.replay} {skill}, "
-               f"{w.replay} bundled-task replay)")
+    eprint(f"wrote {', '.join(f'{f} ({c})' for f, c in w.records.items())} to "
+           f"{Path(out).resolve()} (train.jsonl: {w.records['train.jsonl'] - w.replay} {skill}, "
+           f"{w.replay} bundled-task replay)")
+    if w.note:
+        eprint("note:", w.note)
 
 
 @cli_errors
@@ -61,15 +64,18 @@ def pairs(
     k: Annotated[int, typer.Option("-k", help="Samples per question with --model.")] = 4,
     n: Annotated[int, typer.Option(help="Training pairs per task (train.jsonl).")] = 100,
     n_valid: Annotated[int, typer.Option(help="Held-out pairs per task (valid.jsonl).")] = 20,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = 0, no_progress: NoProgressOpt = False,
 ) -> None:
     """Write reward-train pairs: the right answer (chosen) against a wrong one (rejected)."""
     from llama2_mlx.demo.skills import DEFAULT_PAIR_NAMES, write_pairs
 
     w = write_pairs(out, _names(tasks, DEFAULT_PAIR_NAMES), n=n, n_valid=n_valid,
-                    seed=seed, model=model, k=k)
-    typer.echo(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in w.pairs.items())} to {out}; "
-               f"{w.from_model} rejected answers are the model's own, {w.made_up} made up")
+                    seed=seed, model=model, k=k, progress=not no_progress)
+    eprint(f"wrote {', '.join(f'{f} ({c} pairs)' for f, c in w.pairs.items())} to "
+           f"{Path(out).resolve()}; {w.from_model} rejected answers are the model's own, "
+           f"{w.made_up} made up")
+    for note in w.notes:
+        eprint("note:", note)
 
 
 @cli_errors
@@ -85,7 +91,7 @@ def prompts(
     from llama2_mlx.demo.tasks import TASKS
 
     count = write_prompts(out, _names(tasks, TASKS), n=n, seed=seed, split=split)
-    typer.echo(f"wrote {count} prompts to {out}")
+    eprint(f"wrote {count} prompts to {Path(out).resolve()}")
 
 
 @cli_errors
@@ -125,5 +131,5 @@ def check(
 def register(app: typer.Typer) -> None:
     for name, fn in (("path", path), ("data", data), ("pairs", pairs), ("prompts", prompts),
                      ("eval", eval_), ("check", check)):
-        demo_app.command(name)(fn)
+        add_command(demo_app, name, fn)
     app.add_typer(demo_app, name="demo")

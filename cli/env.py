@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from cli.common import add_command
+
 
 def env() -> None:
     """Print llama2-mlx, Python and mlx versions, the default device and the BLAS in use."""
@@ -14,4 +16,4 @@ def env() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("env")(env)
+    add_command(app, "env", env)

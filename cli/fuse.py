@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DType, cli_errors, dtype_name, eprint
+from cli.common import DType, add_command, cli_errors, dtype_name, eprint
 
 
 class Format(str, Enum):
@@ -31,8 +32,8 @@ def fuse(
 
     path = run(model, adapter_path, out, fmt=format.value, dequantize=dequantize,
                requantize=requantize, dtype=dtype_name(dtype))
-    eprint(f"fused model written to {path}")
+    eprint(f"fused model written to {Path(path).resolve()}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fuse")(fuse)
+    add_command(app, "fuse", fuse)

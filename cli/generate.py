@@ -2,37 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
+import time
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DType, cli_errors, dtype_name, eprint
-from cli.options import AdapterOpt, DemoModelOpt, DTypeOpt
+from cli.common import DType, add_command, cli_errors, dtype_name, eprint
+from cli.options import (
+    CHAT_DEFAULTS,
+    GEN_DEFAULTS,
+    MAX_KV_SIZE,
+    MIN_P,
+    REPETITION_PENALTY,
+    SAMPLING_SEED,
+    TEMP,
+    TOP_K,
+    TOP_P,
+    AdapterOpt,
+    DemoModelOpt,
+    DTypeOpt,
+    field_option,
+    given,
+)
+from llama2_mlx.errors import OptionError
 
 SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt (implies --chat).")]
-MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate per answer.")]
-TempOpt = Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")]
-TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass, Meta's top-p (1 = off).")]
-TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).")]
-MinPOpt = Annotated[float, typer.Option(help="Keep tokens >= min-p times the top probability.")]
-RepPenOpt = Annotated[Optional[float], typer.Option(help="Repetition penalty, e.g. 1.1.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for reproducible sampling.")]
-StopOpt = Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")]
-KVOpt = Annotated[Optional[int], typer.Option(help="Bound the KV cache to N tokens.")]
 
 
 def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[str]):
+    """(model, tokenizer, whether the folder carries a chat template)."""
+    from llama2_mlx.chat.tokenizer import carries_chat_template
     from llama2_mlx.checkpoints.load import load
     from llama2_mlx.demo import model_or_demo
     from llama2_mlx.io.distributed import world
+    from llama2_mlx.io.hub import resolve
 
+    folder = resolve(model_or_demo(model, eprint))
     if world().size > 1:  # under mlx.launch: the model is cut across the ranks
         from llama2_mlx.generation.parallel import load_for_generation
 
-        return load_for_generation(model_or_demo(model, eprint), world(),
-                                   dtype=dtype_name(dtype), adapter_path=adapter_path)
-    return load(model_or_demo(model, eprint), dtype=dtype_name(dtype), adapter_path=adapter_path)
+        net, tokenizer = load_for_generation(folder, world(), dtype=dtype_name(dtype),
+                                             adapter_path=adapter_path)
+    else:
+        net, tokenizer = load(folder, dtype=dtype_name(dtype), adapter_path=adapter_path)
+    return net, tokenizer, carries_chat_template(folder)
 
 
 def _parallel(config, steps=None):
@@ -46,40 +62,115 @@ def _parallel(config, steps=None):
     return agreed(config, world()) if steps is None else watched(steps, world())
 
 
-def _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop, max_kv_size):
-    from llama2_mlx.generation.generate import GenerationConfig
-
-    config = GenerationConfig(
-        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []),
-        max_kv_size=max_kv_size,
-    )
+def _config(defaults, **options):
+    config = dataclasses.replace(defaults, **given(**options))
     config.check()  # before the (slow) model load
     return config
 
 
+def _prompts(prompt: list[str], prompts_file: Optional[str], system: Optional[str]) -> list[list[dict]]:
+    """Every prompt as chat messages: the ``--prompt`` texts ('-': stdin), then the
+    prompts of ``--prompts-file``."""
+    from llama2_mlx.chat.records import read_prompts
+
+    if prompt.count("-") > 1:
+        raise OptionError("{prompt} - reads stdin once; give it once")
+    texts = [sys.stdin.read().rstrip("\n") if p == "-" else p for p in prompt]
+    head = [{"role": "system", "content": system}] if system else []
+    out = [head + [{"role": "user", "content": t}] for t in texts]
+    for messages in read_prompts(prompts_file) if prompts_file is not None else []:
+        if system and messages[0]["role"] != "system":
+            messages = head + messages
+        out.append(messages)
+    if not out:
+        raise OptionError("give {prompt} (repeat it for a batch) or {prompts_file}")
+    return out
+
+
+def _ids(tokenizer, messages: list[dict], chat: bool, raw_asked: bool, n: int) -> list[int]:
+    if chat:
+        return tokenizer.encode_chat(messages)
+    if len(messages) > 1:
+        how = "not {chat}" if raw_asked else "give {chat}"
+        raise OptionError("prompt {n} is a dialog of {m} messages: it needs the chat format, "
+                          + how, n=n, m=len(messages))
+    return tokenizer.encode(messages[0]["content"], bos=True)
+
+
+def _record(messages: list[dict], response: str) -> dict:
+    """A prompt and its response as a JSONL record (what reward-score reads)."""
+    one = len(messages) == 1
+    return {"prompt": messages[0]["content"] if one else messages, "response": response}
+
+
 @cli_errors
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help="Prompt text ('-': read it from stdin); repeat it for a batch.")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option(
+        help="JSONL of prompts (prompt / messages records) to run as one batch.")] = None,
     model: DemoModelOpt = None, system: SystemOpt = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Apply the Llama 2 chat format.")] = False,
-    max_tokens: MaxTokensOpt = 256, temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
-    min_p: MinPOpt = 0.0, repetition_penalty: RepPenOpt = None, seed: SeedOpt = None,
-    stop: StopOpt = None, dtype: DTypeOpt = None, adapter_path: AdapterOpt = None,
-    max_kv_size: KVOpt = None,
+    chat: Annotated[Optional[bool], typer.Option(
+        "--chat/--raw", help="Apply the Llama 2 chat format, or send the text as is (default: "
+        "the chat format for a model folder that carries a chat template).",
+        show_default=False)] = None,
+    max_tokens: Optional[int] = field_option(GEN_DEFAULTS, "max_tokens"),
+    temp: Optional[float] = TEMP, top_p: Optional[float] = TOP_P, top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P, repetition_penalty: Optional[float] = REPETITION_PENALTY,
+    seed: Optional[int] = SAMPLING_SEED,
+    stop: Optional[list[str]] = field_option(GEN_DEFAULTS, "stop"),
+    dtype: DTypeOpt = None, adapter_path: AdapterOpt = None,
+    max_kv_size: Optional[int] = MAX_KV_SIZE,
 ) -> None:
-    """Generate text for one prompt: the text streams to stdout, statistics to stderr."""
-    from llama2_mlx.generation.generate import format_stats, prompt_ids, stream_generate
+    """Generate text for a prompt: the text streams to stdout, statistics to stderr. With
+    several prompts (one batch) stdout gets a JSON line per prompt: its prompt and response."""
+    if chat is False and system is not None:
+        raise OptionError("{system} needs the chat format, not {chat}")
+    config = _config(GEN_DEFAULTS, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                     min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                     max_kv_size=max_kv_size)
+    prompts = _prompts(list(prompt or []), prompts_file, system)
+    net, tokenizer, templated = _load(model, dtype, adapter_path)
+    raw_asked = chat is False
+    if chat is None:
+        chat = templated or system is not None
+    if chat:
+        from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
 
-    config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, stop,
-                     max_kv_size)
-    net, tokenizer = _load(model, dtype, adapter_path)
+        config.stop = list(config.stop) + list(SPECIAL_TAGS)  # an answer ends at a chat tag
     config = _parallel(config)
-    stream = stream_generate(net, tokenizer, prompt_ids(tokenizer, prompt, system, chat), config)
-    for r in _parallel(config, stream):
-        typer.echo(r.text, nl=False)
+    ids = [_ids(tokenizer, p, chat, raw_asked, n) for n, p in enumerate(prompts, 1)]
+    if len(ids) == 1 and prompts_file is None:
+        _stream(net, tokenizer, ids[0], config, chat)
+    else:
+        _batch(net, tokenizer, prompts, ids, config, chat)
+
+
+def _stream(net, tokenizer, ids, config, chat: bool) -> None:
+    from llama2_mlx.generation.chat import StreamStrip, format_stats
+    from llama2_mlx.generation.generate import stream_generate
+
+    strip = StreamStrip() if chat else None
+    for r in _parallel(config, stream_generate(net, tokenizer, ids, config)):
+        typer.echo(strip.add(r.text) if strip else r.text, nl=False)
     typer.echo()
     eprint(format_stats(r))
+
+
+def _batch(net, tokenizer, prompts, ids, config, chat: bool) -> None:
+    from llama2_mlx.chat.records import cut_answer
+    from llama2_mlx.generation.generate import batch_generate
+    from llama2_mlx.io.progress import peak_memory_gb
+
+    tic = time.perf_counter()
+    outs = batch_generate(net, tokenizer, ids, config)
+    seconds = time.perf_counter() - tic
+    for messages, out in zip(prompts, outs):
+        text = cut_answer(tokenizer.decode(out), config.stop)[0]
+        typer.echo(json.dumps(_record(messages, text.strip() if chat else text), ensure_ascii=False))
+    n = sum(map(len, outs))
+    eprint(f"{len(ids)} prompts in one batch: {n} tokens generated in {seconds:.2f}s "
+           f"({n / seconds if seconds else 0:.2f} tok/s), peak memory {peak_memory_gb():.3f} GB")
 
 
 def _read_turn() -> Optional[str]:
@@ -89,23 +180,26 @@ def _read_turn() -> Optional[str]:
 
 @cli_errors
 def chat(
-    model: DemoModelOpt = None, system: SystemOpt = None, max_tokens: MaxTokensOpt = 512,
-    temp: TempOpt = 0.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0, min_p: MinPOpt = 0.0,
-    repetition_penalty: RepPenOpt = None, seed: SeedOpt = None, dtype: DTypeOpt = None,
-    adapter_path: AdapterOpt = None, max_kv_size: KVOpt = None,
+    model: DemoModelOpt = None, system: SystemOpt = None,
+    max_tokens: Optional[int] = field_option(CHAT_DEFAULTS, "max_tokens"),
+    temp: Optional[float] = TEMP, top_p: Optional[float] = TOP_P, top_k: Optional[int] = TOP_K,
+    min_p: Optional[float] = MIN_P, repetition_penalty: Optional[float] = REPETITION_PENALTY,
+    seed: Optional[int] = SAMPLING_SEED, dtype: DTypeOpt = None,
+    adapter_path: AdapterOpt = None, max_kv_size: Optional[int] = MAX_KV_SIZE,
 ) -> None:
-    """Interactive multi-turn chat (/reset clears the history, /quit or end of input exits)."""
-    from llama2_mlx.generation.generate import ChatSession, chat_loop
+    """Interactive multi-turn chat (/help lists the commands; /quit or end of input exits)."""
+    from llama2_mlx.generation.chat import CHAT_HELLO, ChatSession, chat_loop
 
-    config = _config(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, None,
-                     max_kv_size)
-    net, tokenizer = _load(model, dtype, adapter_path)
+    config = _config(CHAT_DEFAULTS, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+                     min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                     max_kv_size=max_kv_size)
+    net, tokenizer, _ = _load(model, dtype, adapter_path)
     config = _parallel(config)
-    eprint("chat: /reset clears the history, /quit exits")
+    eprint(CHAT_HELLO)
     write = lambda text: typer.echo(text, nl=False)  # noqa: E731
     chat_loop(ChatSession(net, tokenizer, config, system), _read_turn, write, eprint)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
-    app.command("chat")(chat)
+    add_command(app, "generate", generate)
+    add_command(app, "chat", chat)

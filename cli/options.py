@@ -13,13 +13,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import DATA, LORA, TRAINING, DType
+from cli.common import DATA, LORA, SAMPLING, TRAINING, DType
+from llama2_mlx.generation.generate import GenerationConfig
 from llama2_mlx.models.lora import LoRAConfig
+from llama2_mlx.rlhf.rejection import RSConfig
 from llama2_mlx.training.sft import DataConfig, SFTOptions
 from llama2_mlx.training.trainer import TrainConfig
 
 # The help panel of a dataclass's options unless a command says otherwise.
-PANELS = {SFTOptions: DATA, DataConfig: DATA, LoRAConfig: LORA, TrainConfig: TRAINING}
+PANELS = {SFTOptions: DATA, DataConfig: DATA, LoRAConfig: LORA, TrainConfig: TRAINING,
+          GenerationConfig: SAMPLING, RSConfig: SAMPLING}
 
 
 def field_help(cls, name: str) -> str:
@@ -63,6 +66,9 @@ DemoModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model folder or Hugging Face repo id (default: the bundled demo model).")]
 DTypeOpt = Annotated[Optional[DType], typer.Option(help=field_help(SFTOptions, "dtype"))]
 AdapterOpt = Annotated[Optional[str], typer.Option(help="Folder of LoRA adapters to apply.")]
+# Long commands: --no-progress (the training commands take TrainConfig's PROGRESS).
+NoProgressOpt = Annotated[bool, typer.Option(
+    "--no-progress", help="Hide the progress bar (and, off a terminal, its log lines).")]
 
 # lora-train's defaults, which are also reward-train's and rs-loop's for the options
 # below (tests/test_cli_options.py checks each command against its own defaults).
@@ -81,3 +87,24 @@ SAVE_EVERY = field_option(SFT_DEFAULTS.train, "save_every")
 RESUME = field_option(SFT_DEFAULTS.train, "resume", "--resume")
 GRAD_CHECKPOINT = field_option(SFT_DEFAULTS.train, "grad_checkpoint", "--grad-checkpoint")
 SEED = field_option(SFT_DEFAULTS.train, "seed")
+PROGRESS = field_option(SFT_DEFAULTS.train, "progress", "--progress/--no-progress")
+LOG_EVERY = field_option(SFT_DEFAULTS.train, "log_every")
+
+# Sampling: generate's defaults (chat's differ in max_tokens only), and rejection
+# sampling's (rejection-sample, rs-loop: temperature 1, seed 0).
+GEN_DEFAULTS = GenerationConfig()
+CHAT_DEFAULTS = GenerationConfig(max_tokens=512)
+RS_DEFAULTS = RSConfig()
+TEMP = field_option(GEN_DEFAULTS, "temp")
+TOP_P = field_option(GEN_DEFAULTS, "top_p")
+TOP_K = field_option(GEN_DEFAULTS, "top_k")
+MIN_P = field_option(GEN_DEFAULTS, "min_p")
+REPETITION_PENALTY = field_option(GEN_DEFAULTS, "repetition_penalty")
+SAMPLING_SEED = field_option(GEN_DEFAULTS, "seed")
+MAX_KV_SIZE = field_option(GEN_DEFAULTS, "max_kv_size")
+RS_K = field_option(RS_DEFAULTS, "k", "-k", "--k")
+RS_TEMP = field_option(RS_DEFAULTS.generation, "temp")
+RS_TOP_P = field_option(RS_DEFAULTS.generation, "top_p")
+RS_TOP_K = field_option(RS_DEFAULTS.generation, "top_k")
+RS_MAX_TOKENS = field_option(RS_DEFAULTS.generation, "max_tokens")
+RS_SEED = field_option(RS_DEFAULTS.generation, "seed")

@@ -11,7 +11,7 @@ import typer
 from cli.common import DATA as _D
 from cli.common import LORA as _P
 from cli.common import TRAINING as _T
-from cli.common import cli_errors, dtype_name, eprint, opt
+from cli.common import add_command, cli_errors, dtype_name, eprint, opt
 from cli.options import (
     BATCH_SIZE,
     CLIP,
@@ -20,23 +20,32 @@ from cli.options import (
     GRAD_CHECKPOINT,
     ITERS,
     KEYS,
+    LOG_EVERY,
     MAX_SEQ_LENGTH,
     NUM_LAYERS,
+    PROGRESS,
     RANK,
     RESUME,
+    RS_DEFAULTS,
+    RS_K,
+    RS_MAX_TOKENS,
+    RS_SEED,
+    RS_TEMP,
+    RS_TOP_K,
+    RS_TOP_P,
     SAVE_EVERY,
     SCALE,
     SEED,
     AdapterOpt,
     DTypeOpt,
     ModelOpt,
+    NoProgressOpt,
     field_option,
     given,
 )
-from llama2_mlx.rlhf.rs_loop import RSLoopConfig
 from llama2_mlx.rlhf.reward import RewardTrainConfig
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig
 
-_S = "Sampling"
 # The commands' defaults, which their options show.
 _REWARD = RewardTrainConfig()
 _RS_SFT = RSLoopConfig().sft
@@ -54,19 +63,22 @@ class FineTune(str, Enum):
 
 
 RewardOpt = Annotated[str, opt("Reward model folder (written by reward-train).", _D, "--reward-model")]
-SeedOpt = Annotated[int, opt("Random seed.")]
-KOpt = Annotated[int, opt("Samples per prompt.", _S, "-k", "--k")]
-TempOpt = Annotated[float, opt("Sampling temperature (the paper: 1.2-1.3 for RLHF models).", _S)]
-TopPOpt = Annotated[float, opt("Nucleus sampling mass (1 = off).", _S)]
-TopKOpt = Annotated[int, opt("Sample among the k most likely tokens (0 = off).", _S)]
-MaxTokOpt = Annotated[int, opt("Most tokens per answer.", _S)]
-NoProgress = Annotated[bool, opt("Hide the progress bars.", _T, "--no-progress")]
 
 
-def _gen(temp, top_p, top_k, max_tokens, seed):
-    from llama2_mlx.generation.generate import GenerationConfig
+def _sampling(k, **generation):
+    """rejection sampling's options: RSConfig's defaults and what was given."""
+    import dataclasses
 
-    return GenerationConfig(max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed)
+    from llama2_mlx.rlhf.rejection import RSConfig
+
+    gen = dataclasses.replace(RS_DEFAULTS.generation, **given(**generation))
+    return RSConfig(**given(k=k), generation=gen)
+
+
+def _abs(path) -> str:
+    from pathlib import Path
+
+    return str(Path(path).resolve())
 
 
 @cli_errors
@@ -85,11 +97,12 @@ def reward_train(
     warmup: Optional[int] = field_option(_REWARD, "warmup", panel=_T),
     weight_decay: Optional[float] = field_option(_REWARD.train, "weight_decay"),
     clip: Optional[float] = CLIP,
-    max_seq_len: Optional[int] = field_option(_REWARD, "max_seq_len", panel=_D),
-    eval_every: Optional[int] = field_option(_REWARD, "eval_every", panel=_T),
+    max_seq_len: Optional[int] = field_option(_REWARD, "max_seq_len", "--max-seq-length", panel=_D),
+    eval_every: Optional[int] = field_option(_REWARD, "eval_every", "--val-every", panel=_T),
     save_every: Optional[int] = SAVE_EVERY, resume: Optional[bool] = RESUME,
     grad_checkpoint: Optional[bool] = GRAD_CHECKPOINT,
-    seed: Optional[int] = SEED, dtype: DTypeOpt = None, no_progress: NoProgress = False,
+    seed: Optional[int] = SEED, dtype: DTypeOpt = None,
+    progress: Optional[bool] = PROGRESS, log_every: Optional[int] = LOG_EVERY,
 ) -> None:
     """Train a reward model on preference pairs (loss -log sigmoid(r_chosen - r_rejected - margin))."""
     from llama2_mlx.models.lora import LoRAConfig
@@ -102,10 +115,10 @@ def reward_train(
     config.train = paper_train_config(
         config.fine_tune_type, lr=lr, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
         epochs=epochs, iters=iters, save_every=save_every, resume=resume,
-        grad_checkpoint=grad_checkpoint, seed=seed, progress=not no_progress)
+        grad_checkpoint=grad_checkpoint, seed=seed, progress=progress, log_every=log_every)
     result = train_reward_model(model, data, out, config, dtype=dtype_name(dtype), log=eprint)
     typer.echo(f"held-out {result.final.summary()}")
-    eprint(f"reward model written to {out}")
+    eprint(f"reward model written to {_abs(out)}")
 
 
 @cli_errors
@@ -136,7 +149,8 @@ def reward_score(
     from llama2_mlx.rlhf.reward import score_file
 
     scores = score_file(reward_model, data, out, batch_size=batch_size, dtype=dtype_name(dtype))
-    eprint(f"scored {len(scores)} responses (mean reward {sum(scores) / len(scores):.4f}) -> {out}")
+    eprint(f"scored {len(scores)} responses (mean reward {sum(scores) / len(scores):.4f}) "
+           f"-> {_abs(out)}")
 
 
 @cli_errors
@@ -146,14 +160,15 @@ def rejection_sample(
     out: Annotated[str, opt("Output JSONL of the best answers (lora-train format).", _D)],
     adapter_path: AdapterOpt = None,
     all_out: Annotated[Optional[str], opt("Also write all K answers with their rewards here.", _D)] = None,
-    k: KOpt = 4, temp: TempOpt = 1.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
-    max_tokens: MaxTokOpt = 256, seed: SeedOpt = 0, dtype: DTypeOpt = None,
-    no_progress: NoProgress = False,
+    k: Optional[int] = RS_K, temp: Optional[float] = RS_TEMP, top_p: Optional[float] = RS_TOP_P,
+    top_k: Optional[int] = RS_TOP_K, max_tokens: Optional[int] = RS_MAX_TOKENS,
+    seed: Optional[int] = RS_SEED, dtype: DTypeOpt = None, no_progress: NoProgressOpt = False,
 ) -> None:
     """Sample K answers per prompt (one shared prefill, batched decoding), keep the highest-reward one."""
-    from llama2_mlx.rlhf.rejection import RSConfig, rejection_sample_files
+    from llama2_mlx.rlhf.rejection import rejection_sample_files
 
-    config = RSConfig(k=k, generation=_gen(temp, top_p, top_k, max_tokens, seed))
+    config = _sampling(k, temp=temp, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+    config.check()
     report = rejection_sample_files(model, reward_model, prompts, out, config,
                                     adapter_path=adapter_path, all_out=all_out,
                                     dtype=dtype_name(dtype), progress=not no_progress, log=eprint)
@@ -169,27 +184,30 @@ def rs_loop(
     iterations: Annotated[int, opt("Rounds of sample -> score -> fine-tune.")] = 1,
     adapter_path: AdapterOpt = None,
     eval_prompts: Annotated[Optional[str], opt("Held-out prompts for the mean greedy reward (default: --prompts).", _D)] = None,
-    k: KOpt = 4, temp: TempOpt = 1.0, top_p: TopPOpt = 1.0, top_k: TopKOpt = 0,
-    max_tokens: MaxTokOpt = 256,
+    k: Optional[int] = RS_K, temp: Optional[float] = RS_TEMP, top_p: Optional[float] = RS_TOP_P,
+    top_k: Optional[int] = RS_TOP_K, max_tokens: Optional[int] = RS_MAX_TOKENS,
     sft_config: Annotated[Optional[str], opt("YAML/JSON file of lora-train options for the fine-tunes.")] = None,
     lr: Optional[float] = field_option(_RS_SFT.train, "lr"),
     epochs: Optional[float] = EPOCHS, iters: Optional[int] = ITERS,
     batch_size: Optional[int] = BATCH_SIZE, max_seq_length: Optional[int] = MAX_SEQ_LENGTH,
     rank: Optional[int] = RANK, seed: Optional[int] = SEED, dtype: DTypeOpt = None,
-    no_progress: NoProgress = False,
+    progress: Optional[bool] = PROGRESS, log_every: Optional[int] = LOG_EVERY,
     resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
-    from llama2_mlx.rlhf.rejection import RSConfig
     from llama2_mlx.rlhf.rs_loop import FINETUNE_DEFAULTS, rs_loop_files
     from llama2_mlx.training.sft import SFTOptions
 
     # The fine-tune options are None unless given, so that --sft-config can set them.
     cli = given(lr=lr, epochs=epochs, iters=iters, batch_size=batch_size,
-                max_seq_length=max_seq_length, rank=rank, seed=seed, progress=not no_progress)
-    sft = SFTOptions.resolve(cli, config_file=sft_config, defaults=FINETUNE_DEFAULTS)
+                max_seq_length=max_seq_length, rank=rank, seed=seed, progress=progress,
+                log_every=log_every)
+    sft = SFTOptions.resolve(cli, config_file=sft_config, defaults=FINETUNE_DEFAULTS,
+                             config_option="sft_config")
     # One seed for the run: sampling and the fine-tunes.
-    rs = RSConfig(k, _gen(temp, top_p, top_k, max_tokens, sft.train.seed))
+    rs = _sampling(k, temp=temp, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                   seed=sft.train.seed)
+    rs.check()
     for s in rs_loop_files(model, reward_model, prompts, out, RSLoopConfig(iterations, rs, sft),
                            adapter_path=adapter_path, eval_prompts_file=eval_prompts,
                            dtype=dtype_name(dtype), resume=resume, log=eprint):
@@ -197,8 +215,8 @@ def rs_loop(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("reward-train")(reward_train)
-    app.command("reward-eval")(reward_eval)
-    app.command("reward-score")(reward_score)
-    app.command("rejection-sample")(rejection_sample)
-    app.command("rs-loop")(rs_loop)
+    add_command(app, "reward-train", reward_train)
+    add_command(app, "reward-eval", reward_eval)
+    add_command(app, "reward-score", reward_score)
+    add_command(app, "rejection-sample", rejection_sample)
+    add_command(app, "rs-loop", rs_loop)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DATA, cli_errors, opt
+from cli.common import DATA, add_command, cli_errors, eprint, opt
 from cli.options import (
     BATCH_SIZE,
     CLIP,
@@ -15,8 +15,10 @@ from cli.options import (
     GRAD_CHECKPOINT,
     ITERS,
     KEYS,
+    LOG_EVERY,
     MAX_SEQ_LENGTH,
     NUM_LAYERS,
+    PROGRESS,
     RANK,
     RESUME,
     SAVE_EVERY,
@@ -64,6 +66,8 @@ def lora_train(
     resume: Optional[bool] = RESUME,
     grad_checkpoint: Optional[bool] = GRAD_CHECKPOINT,
     seed: Optional[int] = SEED,
+    progress: Optional[bool] = PROGRESS,
+    log_every: Optional[int] = LOG_EVERY,
     dtype: DTypeOpt = None,
 ) -> None:
     """Fine-tune LoRA adapters on JSONL data; the loss counts only answer tokens."""
@@ -75,10 +79,18 @@ def lora_train(
         grad_accum=grad_accum, lr=lr, warmup=warmup, min_lr_ratio=min_lr_ratio,
         weight_decay=weight_decay, clip=clip, epochs=epochs, iters=iters, val_every=val_every,
         val_batches=val_batches, save_every=save_every, resume=resume,
-        grad_checkpoint=grad_checkpoint, seed=seed, dtype=dtype,
+        grad_checkpoint=grad_checkpoint, seed=seed, progress=progress, log_every=log_every,
+        dtype=dtype,
     )
-    sft.lora_train(sft.SFTOptions.resolve(cli, config_file=config, preset=preset))
+    result = sft.lora_train(sft.SFTOptions.resolve(cli, config_file=config, preset=preset),
+                            log=eprint)
+    # The results (stdout): the last validation loss and the test loss.
+    if result.train.val_losses:
+        step, loss = result.train.val_losses[-1]
+        typer.echo(f"val loss {loss:.4f} (step {step})")
+    if result.test_loss is not None:
+        typer.echo(f"test loss {result.test_loss:.4f}, perplexity {result.test_ppl:.3f}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("lora-train")(lora_train)
+    add_command(app, "lora-train", lora_train)

@@ -77,3 +77,21 @@ def model_dir(tmp_path_factory, spm_path):
     from llama2_mlx.checkpoints.export import save_model
 
     return save_model(make_model(), tmp_path_factory.mktemp("tiny-model"), spm_path)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (the whole walkthrough)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long tests, run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)

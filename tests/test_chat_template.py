@@ -63,3 +63,29 @@ def test_gguf_carries_the_template(tmp_path, spm_path):
     path = write_gguf(make_model(vocab_size=512), tmp_path / "m.gguf", spm_path, "f32")
     field = gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode() == CHAT_TEMPLATE
+
+
+def test_llama2_generate_chats_like_mlx_lm_with_the_folder_s_template(folder):
+    """``llama2 generate`` on a folder that carries the template applies the chat format
+    by default, as mlx-lm does: the same prompt tokens and the same greedy answer."""
+    import re
+
+    import mlx_lm
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    question = "What is the capital of France?"
+    r = CliRunner().invoke(app, ["generate", "-m", str(folder), "-p", question,
+                                 "--max-tokens", "8", "--dtype", "float32"])
+    assert r.exit_code == 0, r.stderr
+    model, tokenizer = mlx_lm.load(str(folder), model_config={"dtype": "float32"})
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
+    assert int(re.search(r"prompt: (\d+) tokens", r.stderr)[1]) == len(_ids(ids))
+    tokens = [x.token for x in mlx_lm.stream_generate(model, tokenizer, _ids(ids), max_tokens=8)]
+    tokens = [t for t in tokens if t != tokenizer.eos_token_id]
+    # (decoded by one detokenizer: a random model's stray bytes are shown differently)
+    theirs = Tokenizer(folder / "tokenizer.model").decode(tokens)
+    assert r.stdout == theirs.strip() + "\n"
+    if folder == default_model_path():
+        assert r.stdout == "Paris\n"

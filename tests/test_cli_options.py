@@ -17,20 +17,31 @@ import typer
 from cli.app import app
 from cli.options import shown
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.generation.generate import GenerationConfig
 from llama2_mlx.models.lora import LoRAConfig
-from llama2_mlx.rlhf.rs_loop import RSLoopConfig
+from llama2_mlx.rlhf.rejection import RSConfig
 from llama2_mlx.rlhf.reward import RewardTrainConfig
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig
 from llama2_mlx.training.sft import OPTION_PARTS, DataConfig, SFTOptions
 from llama2_mlx.training.trainer import TrainConfig
 
-# Command -> the defaults it runs with, and its options named like one of their fields
-# that are something else.
+SAMPLING = {"max_tokens", "temp", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+            "stop", "max_kv_size"}
+# Command -> the defaults it runs with (searched in order), its options named like one of
+# their fields that are something else, and the options that must be found among them.
 COMMANDS = {
-    "lora-train": (SFTOptions.resolve(), set()),
+    "lora-train": ((SFTOptions.resolve(),), set(), set(OPTION_PARTS)),
     # The paper's learning rate depends on --fine-tune-type (paper_train_config).
-    "reward-train": (RewardTrainConfig(), {"lr"}),
-    # The policy's adapters (not the fine-tunes' output) and the loop's own --resume.
-    "rs-loop": (RSLoopConfig().sft, {"adapter_path", "resume"}),
+    "reward-train": ((RewardTrainConfig(),), {"lr"}, {"max_seq_len", "eval_every", "progress"}),
+    # The policy's adapters (not the fine-tunes' output) and the loop's own --resume; its
+    # one seed is the fine-tunes' (sampling uses it too).
+    "rs-loop": ((RSLoopConfig().sft, RSConfig()), {"adapter_path", "resume"},
+                {"k", "temp", "top_p", "top_k", "max_tokens", "lr", "progress"}),
+    "rejection-sample": ((RSConfig(),), set(), {"k", "temp", "top_p", "top_k", "max_tokens",
+                                                "seed"}),
+    "generate": ((GenerationConfig(),), set(), SAMPLING),
+    # chat's answers may be longer; its stop strings are the chat tags.
+    "chat": ((GenerationConfig(max_tokens=512),), set(), SAMPLING - {"stop"}),
 }
 
 
@@ -47,10 +58,10 @@ def option_field(defaults, name):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_the_cli_shows_the_dataclass_fields_help_and_defaults(command):
-    defaults, others = COMMANDS[command]
+    defaults, others, required = COMMANDS[command]
     checked = set()
     for p in typer.main.get_command(app).commands[command].params:
-        found = option_field(defaults, p.name)
+        found = next(filter(None, (option_field(d, p.name) for d in defaults)), None)
         if found is None or p.name in others:
             continue
         part, f = found
@@ -59,10 +70,16 @@ def test_the_cli_shows_the_dataclass_fields_help_and_defaults(command):
         show = p.show_default if isinstance(p.show_default, str) else None
         assert show == shown(getattr(part, p.name)), (command, p.name)
         checked.add(p.name)
-    assert checked, command
+    assert required <= checked, (command, required - checked)
     if command == "lora-train":
-        # Every lora-train option is one of SFTOptions' (progress: config file only).
-        assert checked == set(OPTION_PARTS) - {"progress"}
+        assert checked == set(OPTION_PARTS)  # every lora-train option is one of SFTOptions'
+
+
+def test_the_cli_shows_chat_s_own_max_tokens_default():
+    params = {p.name: p for p in typer.main.get_command(app).commands["chat"].params}
+    assert params["max_tokens"].show_default == "512"
+    params = {p.name: p for p in typer.main.get_command(app).commands["rejection-sample"].params}
+    assert (params["temp"].show_default, params["seed"].show_default) == ("1.0", "0")
 
 
 def test_the_composed_defaults_are_their_parts_defaults():
@@ -98,7 +115,7 @@ def test_config_file_keys_map_onto_the_composed_options(tmp_path):
         "model", "dtype", "adapter_path", "rank", "scale", "dropout", "keys", "num_layers",
         "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "grad_accum", "epochs", "iters",
         "val_every", "val_batches", "save_every", "resume", "grad_checkpoint", "seed", "progress",
-        "data", "train", "valid", "test", "batch_size", "max_seq_length", "pack", "long_samples",
+        "log_every", "data", "train", "valid", "test", "batch_size", "max_seq_length", "pack", "long_samples",
     }
     cfg.write_text("schedule: linear\n")  # a TrainConfig field, not an option
     with pytest.raises(Llama2Error, match=r"sft.yaml: unknown option 'schedule'"):

@@ -93,7 +93,7 @@ def test_long_samples_are_reported_never_silently_cut():
     samples = [Sample(list(range(1, 11)), [False] * 5 + [True] * 5, "f line 1"),
                Sample([1, 2, 3], [False, True, True], "f line 2"),
                Sample(list(range(1, 11)), [False] * 9 + [True], "f line 3")]
-    with pytest.raises(Llama2Error, match=r"f line 1: sample of 10 tokens is longer than --max-seq-length 6 \+ 1; pass --long-samples truncate or skip"):
+    with pytest.raises(Llama2Error, match=r"f line 1: sample of 10 tokens is longer than max_seq_length 6 \+ 1; pass long_samples truncate or skip"):
         fit_length(samples, 6)
     kept, report = fit_length(samples, 6, "truncate")
     assert [len(s) for s in kept] == [7, 3] and kept[0].targets == [False] * 5 + [True] * 2

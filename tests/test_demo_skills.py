@@ -111,7 +111,7 @@ def test_pairs_take_the_models_own_mistakes(tmp_path, tok, model_dir):
     for r in recs:
         assert not S.check("next", r["prompt"], r["rejected"]) and r["rejected"].strip()
     # Where every sample is right, the wrong answer is made up.
-    recs = S.pair_records(["next"], 3, 0, "train", sampler=lambda exs: [None] * len(exs))
+    recs = S.pair_records(["next"], 3, 0, "train", sampler=lambda exs, split: [None] * len(exs))
     assert {r["source"] for r in recs} == {"made up"}
 
 
@@ -136,21 +136,23 @@ def test_demo_commands(tmp_path, model_dir, monkeypatch):
     monkeypatch.setattr(demo, "default_model_path", lambda: model_dir)
     r = runner.invoke(app, ["demo", "path"])
     assert r.exit_code == 0 and r.stdout.strip() == str(model_dir)
+    # What a command wrote is a message (stderr), with the absolute path.
     r = runner.invoke(app, ["demo", "data", "--skill", "double", "--out", str(tmp_path / "d"),
                             "--n", "8", "--n-eval", "2", "--replay", "0.2"])
-    assert r.exit_code == 0 and "train.jsonl (10)" in r.stdout, r.stderr
-    assert "8 double, 2 bundled-task replay" in r.stdout
+    assert r.exit_code == 0 and "train.jsonl (10)" in r.stderr and r.stdout == "", r.stderr
+    assert f"to {(tmp_path / 'd').resolve()} " in r.stderr
+    assert "8 double, 2 bundled-task replay" in r.stderr and "note" not in r.stderr
     r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p"), "--tasks", "add,next",
                             "--n", "3", "--n-valid", "1"])
-    assert r.exit_code == 0 and "train.jsonl (6 pairs)" in r.stdout, r.stderr
-    assert "0 rejected answers are the model's own, 8 made up" in r.stdout
+    assert r.exit_code == 0 and "train.jsonl (6 pairs)" in r.stderr, r.stderr
+    assert "0 rejected answers are the model's own, 8 made up" in r.stderr
     r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p2"), "--tasks", "next",
                             "--n", "2", "--n-valid", "1", "--model", str(model_dir), "-k", "2"])
-    assert r.exit_code == 0 and "train.jsonl (2 pairs)" in r.stdout, r.stderr
+    assert r.exit_code == 0 and "train.jsonl (2 pairs)" in r.stderr, r.stderr
     r = runner.invoke(app, ["demo", "check", "--data", str(tmp_path / "d" / "train.jsonl")])
     assert r.exit_code == 0 and "double: accuracy 1.000 (8/8)" in r.stdout, r.stderr
     r = runner.invoke(app, ["demo", "prompts", "--out", str(tmp_path / "q.jsonl"), "--n", "2"])
-    assert r.exit_code == 0 and f"wrote {2 * len(T.TASKS)} prompts" in r.stdout, r.stderr
+    assert r.exit_code == 0 and f"wrote {2 * len(T.TASKS)} prompts" in r.stderr, r.stderr
     r = runner.invoke(app, ["demo", "eval", "--skill", "next", "--n", "4", "--show", "1"])
     assert r.exit_code == 0, r.stderr
     assert r.stdout.startswith("next (heldout): accuracy 0.") and "wrong (want '65')" in r.stderr
@@ -158,3 +160,29 @@ def test_demo_commands(tmp_path, model_dir, monkeypatch):
     assert r.exit_code == 2 and r.stderr.strip() == "error: give one of --skill or --task"
     r = runner.invoke(app, ["demo", "data", "--skill", "nope", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "unknown skill or task 'nope'" in r.stderr
+
+
+def test_fewer_held_out_records_than_asked_say_why(tmp_path):
+    # next holds out 20 numbers in 3 phrasings: 60 questions, 30 each for valid and test.
+    r = runner.invoke(app, ["demo", "data", "--skill", "next", "--out", str(tmp_path / "d"),
+                            "--n", "4", "--n-eval", "100"])
+    assert r.exit_code == 0, r.stderr
+    assert "valid.jsonl (30), test.jsonl (30)" in r.stderr
+    assert ("note: --n-eval 100: next has 60 distinct held-out questions, and valid.jsonl and "
+            "test.jsonl share none, so each has 30") in r.stderr
+    r = runner.invoke(app, ["demo", "pairs", "--out", str(tmp_path / "p"), "--tasks", "next",
+                            "--n", "2", "--n-valid", "100"])
+    assert r.exit_code == 0, r.stderr
+    assert ("note: --n-valid 100: next has 60 distinct held-out questions, so valid.jsonl has "
+            "60 of its pairs") in r.stderr
+
+
+def test_demo_pairs_with_a_model_shows_progress(tmp_path, model_dir):
+    args = ["demo", "pairs", "--out", str(tmp_path / "p"), "--tasks", "next,add", "--n", "4",
+            "--n-valid", "2", "--model", str(model_dir), "-k", "2"]
+    r = runner.invoke(app, args)  # stderr is no terminal here: progress lines
+    assert r.exit_code == 0, r.stderr
+    for line in ("sampling next (train) 4/4", "sampling add (heldout) 2/2"):
+        assert line in r.stderr, r.stderr
+    r = runner.invoke(app, args + ["--no-progress"])
+    assert r.exit_code == 0 and "sampling" not in r.stderr, r.stderr

@@ -6,12 +6,11 @@ import pytest
 from conftest import TINY
 
 from llama2_mlx.errors import Llama2Error
+from llama2_mlx.generation.chat import ChatSession, format_stats
 from llama2_mlx.generation.generate import (
-    ChatSession,
     GenerationConfig,
     StopStrings,
     batch_generate,
-    format_stats,
     generate,
     generate_step,
     prompt_ids,

@@ -71,9 +71,9 @@ def test_lora_forward_is_w_plus_scaled_low_rank_update():
 
 
 def test_bad_keys_and_layers_are_one_line_errors():
-    with pytest.raises(Llama2Error, match="--keys: no module 'self_attn.x_proj'"):
+    with pytest.raises(Llama2Error, match="keys: no module 'self_attn.x_proj'"):
         apply_lora(make_model(), LoRAConfig(keys=("self_attn.x_proj",)))
-    with pytest.raises(Llama2Error, match="--num-layers 5: the model has only 2 layers"):
+    with pytest.raises(Llama2Error, match="num_layers 5: the model has only 2 layers"):
         apply_lora(make_model(), LoRAConfig(num_layers=5))
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from llama2_mlx.chat.records import cut_answer, read_prompts, read_records, response_of
 from llama2_mlx.errors import Llama2Error
-from llama2_mlx.generation.generate import ChatSession, StopStrings
+from llama2_mlx.generation.chat import ChatSession
+from llama2_mlx.generation.generate import StopStrings
 from llama2_mlx.rlhf.reward_data import load_pairs
 from llama2_mlx.training.data import load_samples
 

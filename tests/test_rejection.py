@@ -9,6 +9,7 @@ the distractor; best-of-K with the reward model should fix that, and one loop
 iteration should move the policy itself.
 """
 
+import importlib.util
 import itertools
 import json
 import random
@@ -26,9 +27,8 @@ from llama2_mlx.checkpoints.export import save_model
 from llama2_mlx.checkpoints.load import load
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate
-from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
-from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
 from llama2_mlx.models.lora import LoRAConfig
+from llama2_mlx.rlhf.rejection import RSConfig, _answer, _pick_best, rejection_sample
 from llama2_mlx.rlhf.reward import (
     RewardTrainConfig,
     fit_reward_model,
@@ -36,6 +36,7 @@ from llama2_mlx.rlhf.reward import (
 )
 from llama2_mlx.rlhf.reward_data import PreferencePair, encode_pairs
 from llama2_mlx.rlhf.reward_model import load_reward_model, save_reward_model
+from llama2_mlx.rlhf.rs_loop import RSLoopConfig, rs_loop
 from llama2_mlx.training.data import SFTBatches, load_samples, tokenize_record
 from llama2_mlx.training.sft import DataConfig, SFTOptions, sft_loss
 from llama2_mlx.training.trainer import TrainConfig, train
@@ -342,6 +343,18 @@ def test_rs_loop_resume_gives_the_uninterrupted_run_and_refuses_other_settings(t
             assert x[key] == pytest.approx(y[key], abs=1e-5), key
     for name in ("winners.jsonl", "train.jsonl"):
         assert (straight / "iter_02" / name).read_text() == (stopped / "iter_02" / name).read_text()
+    # metrics.jsonl: the fine-tunes' steps and one record an iteration, none twice
+    def metrics(out):
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["kind"], r.get("iteration"), r["step"]) for r in recs]
+
+    assert metrics(stopped) == metrics(straight)
+    assert [m for m in metrics(straight) if m[0] == "iteration"] == [
+        ("iteration", i, i) for i in range(3)]
+    assert [m[2] for m in metrics(straight) if m[:2] == ("train", 2)] == [1, 2]
+    if importlib.util.find_spec("matplotlib"):
+        r = runner.invoke(app, ["plot", str(stopped)])
+        assert r.exit_code == 0 and (stopped / "loss.png").stat().st_size > 10_000, r.output
     r = runner.invoke(app, ["rs-loop", "--model", str(task.policy_dir), "--reward-model",
                             str(task.rm_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                             "--out", str(tmp_path / "nothing"), "--resume"])

@@ -139,7 +139,7 @@ def test_make_logits_processors():
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
-        (dict(temp=-1), "temperature"),
+        (dict(temp=-1), "temp must be >= 0"),
         (dict(temp=1, top_p=0.0), "top_p"),
         (dict(temp=1, top_p=1.5), "top_p"),
         (dict(temp=1, top_k=-2), "top_k"),
@@ -152,5 +152,5 @@ def test_bad_options_are_one_line_errors(kwargs, msg):
 
 
 def test_bad_penalty():
-    with pytest.raises(Llama2Error, match="repetition penalty"):
+    with pytest.raises(Llama2Error, match="repetition_penalty must be > 0"):
         make_logits_processors(0.0)

@@ -49,7 +49,7 @@ def test_schedule_warmup_cosine_to_a_floor():
     assert all(a >= b for a, b in zip(vals[2:], vals[3:]))
     np.testing.assert_allclose(vals[-1], 1e-4, rtol=1e-5)
     np.testing.assert_allclose(lr(6.5).item(), 1e-4 + 0.5 * 9e-4, rtol=1e-5)  # cosine midpoint
-    with pytest.raises(Llama2Error, match="--min-lr-ratio"):
+    with pytest.raises(Llama2Error, match="min_lr_ratio"):
         lr_schedule(1e-3, 10, min_lr_ratio=2)
 
 
@@ -66,7 +66,7 @@ def test_grad_accumulation_and_checkpointing_equal_one_large_batch():
         metrics.append([v for m in out for v in (m["loss"], m["grad_norm"])])
     for m in metrics[1:]:
         np.testing.assert_allclose(m, metrics[0], rtol=1e-5)
-    with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
+    with pytest.raises(Llama2Error, match="grad_checkpoint cannot be combined with dropout"):
         train(lora_model(dropout=0.1), sft_loss, b, TrainConfig(iters=1, grad_checkpoint=True, progress=False))
 
 
@@ -115,7 +115,7 @@ def test_warmup_ratio_is_a_share_of_the_steps_with_warmup_as_the_floor():
     paper = TrainConfig(warmup=5, warmup_ratio=0.03)  # 3% of the steps, at least 5
     assert [paper.warmup_steps(n) for n in (1000, 100, 3)] == [30, 5, 2]  # never all steps
     assert TrainConfig(warmup=7).warmup_steps(3) == 7  # a plain warmup stays as given
-    with pytest.raises(Llama2Error, match=r"--warmup-ratio must be in \[0, 1\)"):
+    with pytest.raises(Llama2Error, match=r"warmup_ratio must be in \[0, 1\)"):
         TrainConfig(warmup_ratio=1.0)
     b = SFTBatches(random_samples(8), 2, 40, pack=False, seed=0)
     config = TrainConfig(lr=1e-3, warmup_ratio=0.5, iters=4, val_every=0, save_every=0,
@@ -149,7 +149,7 @@ def test_progress_bar_shows_its_fields_and_logs_above():
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     run(tmp_path, iters=2)
-    with pytest.raises(Llama2Error, match=r"--resume: .*step_0000002 was made with total_steps=2, this run has total_steps=6"):
+    with pytest.raises(Llama2Error, match=r"resume: .*step_0000002 was made with total_steps=2, this run has total_steps=6"):
         run(tmp_path, resume=True, iters=6)
 
 
@@ -281,7 +281,7 @@ def test_a_refused_run_leaves_an_earlier_runs_checkpoints(tmp_path):
     before = list_checkpoints(tmp_path / "ckpt")
     b = SFTBatches(random_samples(4), 2, 40, pack=True, seed=0)
     cfg = TrainConfig(iters=1, grad_checkpoint=True, progress=False, checkpoint_dir=tmp_path / "ckpt")
-    with pytest.raises(Llama2Error, match="--grad-checkpoint cannot be combined with dropout"):
+    with pytest.raises(Llama2Error, match="grad_checkpoint cannot be combined with dropout"):
         train(lora_model(dropout=0.1), sft_loss, b, cfg)
     assert before and list_checkpoints(tmp_path / "ckpt") == before
 

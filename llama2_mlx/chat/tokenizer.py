@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from llama2_mlx.errors import Llama2Error, one_line
-from llama2_mlx.io.readers import exists, read_bytes
+from llama2_mlx.io.readers import exists, read_bytes, read_json
 
 MAX_TOKENIZER_BYTES = 64 << 20  # Llama 2's tokenizer.model is 500 KB
 
@@ -219,3 +219,11 @@ def train_tokenizer(
         num_threads=num_threads, minloglevel=2,
     )
     return Path(f"{out_prefix}.model")
+
+
+def carries_chat_template(folder) -> bool:
+    """Whether a model folder carries a chat template (``chat_template`` in its
+    tokenizer_config.json, as every exported folder does): prompts to such a model are
+    sent in the chat format unless asked otherwise (as mlx-lm does)."""
+    path = Path(folder) / "tokenizer_config.json"
+    return path.is_file() and bool(read_json(path).get("chat_template"))

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from llama2_mlx.chat.tokenizer import CHAT_TEMPLATE
 from llama2_mlx.checkpoints.load import load_folder
-from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.errors import Llama2Error, OptionError, one_line
 from llama2_mlx.io.atomic import atomic_dir
 from llama2_mlx.io.hub import PathLike, resolve
 from llama2_mlx.io.readers import exists, is_dir, is_regular
@@ -152,11 +152,11 @@ def quantize(model: Transformer, bits: int = 4, group_size: int = 64) -> dict:
     Layers whose input size is not a multiple of ``group_size`` stay unquantized.
     """
     if bits not in Q_BITS:
-        raise Llama2Error(f"--q-bits {bits}: use one of {', '.join(map(str, Q_BITS))}")
+        raise OptionError("{q_bits} {bits}: use one of {choices}",
+                          bits=bits, choices=', '.join(map(str, Q_BITS)))
     if group_size not in Q_GROUP_SIZES:
-        raise Llama2Error(
-            f"--q-group-size {group_size}: use one of {', '.join(map(str, Q_GROUP_SIZES))}"
-        )
+        raise OptionError("{q_group_size} {got}: use one of {choices}",
+                          got=group_size, choices=", ".join(map(str, Q_GROUP_SIZES)))
     if _quantization_of(model) is not None:
         raise Llama2Error("the model is already quantized")
     nn.quantize(

@@ -17,7 +17,7 @@ from mlx.utils import tree_map
 
 from llama2_mlx.checkpoints.export import save_model
 from llama2_mlx.checkpoints.load import load
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import OptionError
 from llama2_mlx.formats.gguf import read_gguf, write_gguf
 from llama2_mlx.formats.weights import DTYPES, cast
 from llama2_mlx.models.lora import fuse_lora, lora_layers
@@ -37,7 +37,7 @@ def read_gguf_model(path) -> Transformer:
 def fuse_model(model: nn.Module, *, dequantize: bool = False, requantize: bool = False) -> nn.Module:
     """Merge the LoRA layers of ``model`` into its weights (see ``lora.fuse_lora``)."""
     if not lora_layers(model):
-        raise Llama2Error("fuse: the model has no LoRA layers (check --adapter-path)")
+        raise OptionError("fuse: the model has no LoRA layers (check {adapter_path})")
     return fuse_lora(model, dequantize=dequantize, requantize=requantize)
 
 
@@ -52,11 +52,13 @@ def fuse(
     float weights (gguf: float16 unless float32).
     """
     if fmt not in FORMATS:
-        raise Llama2Error(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+        raise OptionError("{format} must be one of {choices} (got {fmt!r})",
+                          choices=', '.join(FORMATS), fmt=fmt)
     if dtype is not None and dtype not in DTYPES:
-        raise Llama2Error(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+        raise OptionError("{dtype} must be one of {choices} (got {got!r})",
+                          choices=', '.join(DTYPES), got=dtype)
     if fmt == "gguf" and dtype == "bfloat16":
-        raise Llama2Error("--dtype bfloat16 is not written to gguf; use float16 or float32")
+        raise OptionError("{dtype} bfloat16 is not written to gguf; use float16 or float32")
     model, tokenizer = load(model_path, adapter_path=adapter_path)
     fuse_model(model, dequantize=dequantize or fmt != "mlx", requantize=requantize)
     out = Path(out)

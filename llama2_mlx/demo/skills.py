@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from llama2_mlx.demo import tasks as T
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError, OptionText
 from llama2_mlx.io.atomic import write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- skills
@@ -143,11 +143,13 @@ def examples(name: str, n: int, seed: int, split: str = "train",
 
 @dataclass
 class SkillDataWritten:
-    """What ``write_skill_data`` wrote: records per file, and how many of train.jsonl's
-    are bundled-task replay (the rest are the new skill)."""
+    """What ``write_skill_data`` wrote: records per file, how many of train.jsonl's
+    are bundled-task replay (the rest are the new skill), and why valid.jsonl and
+    test.jsonl have fewer records than asked, if they do."""
 
     records: dict[str, int]
     replay: int
+    note: Optional[str] = None
 
 
 def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: float = 0.5,
@@ -163,9 +165,9 @@ def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: 
     """
     check_name(name)
     if n < 1 or n_eval < 1:
-        raise Llama2Error("--n and --n-eval must be at least 1")
+        raise OptionError("{n} and {n_eval} must be at least 1")
     if not 0.0 <= replay < 1.0:
-        raise Llama2Error(f"--replay must be in [0, 1), got {replay}")
+        raise OptionError("{replay} must be in [0, 1), got {got}", got=replay)
     held = examples(name, 2 * n_eval, seed, "heldout", unique=True)
     if len(held) < 2:
         raise Llama2Error(f"{name}: too few held-out questions")
@@ -180,7 +182,12 @@ def write_skill_data(name: str, out, *, n: int = 400, n_eval: int = 40, replay: 
     out = Path(out)
     for split, exs in files.items():
         write_jsonl_atomic(out / f"{split}.jsonl", [{"messages": T.to_messages(e)} for e in exs])
-    return SkillDataWritten({f"{split}.jsonl": len(exs) for split, exs in files.items()}, len(old))
+    note = None if half == n_eval else OptionText(
+        "{n_eval} {asked}: {name} has {held} distinct held-out questions, and valid.jsonl and "
+        "test.jsonl share none, so each has {half}", asked=n_eval, name=name,
+        held=len(examples(name, 10**6, seed, "heldout", unique=True)), half=half)
+    return SkillDataWritten({f"{split}.jsonl": len(exs) for split, exs in files.items()},
+                            len(old), note)
 
 
 def _near_number(answer: str, rng: random.Random) -> tuple[str, str]:
@@ -238,23 +245,29 @@ def _rating(ex: T.Example, wrong: str) -> str:
 
 def sampled_wrong_answers(model, tokenizer, exs: Sequence[T.Example], *, k: int = 4,
                           temp: float = 1.0, max_tokens: int = 24, seed: int = 0,
-                          batch_size: int = 64) -> list[Optional[str]]:
+                          batch_size: int = 64, progress: bool = False,
+                          description: str = "sampling") -> list[Optional[str]]:
     """Per question, a wrong answer among ``k`` of the model's own samples (the first
-    one that the checker rejects; None when all ``k`` were right)."""
+    one that the checker rejects; None when all ``k`` were right). ``progress``: a
+    progress bar over the questions."""
     from llama2_mlx.generation.generate import (
         GenerationConfig,
         batch_generate,
         prompt_ids,
     )
+    from llama2_mlx.io.progress import ProgressBar
 
     config = GenerationConfig(max_tokens=max_tokens, temp=temp, seed=seed)
     rows = [e for e in exs for _ in range(k)]
     texts: list[str] = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        ids = [prompt_ids(tokenizer, e.question, chat=True) for e in chunk]
-        texts += [tokenizer.decode(x).strip() for x in batch_generate(model, tokenizer, ids, config)]
-        config.seed = None  # seeded once, then the stream goes on
+    with ProgressBar(description, len(exs), enabled=progress) as bar:
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            ids = [prompt_ids(tokenizer, e.question, chat=True) for e in chunk]
+            outs = batch_generate(model, tokenizer, ids, config)
+            texts += [tokenizer.decode(x).strip() for x in outs]
+            config.seed = None  # seeded once, then the stream goes on
+            bar.update(min(len(texts) // k, len(exs)))
     out = []
     for j, e in enumerate(exs):
         wrong = [t for t in texts[j * k : (j + 1) * k] if t and not check(e.task, e.question, t)]
@@ -267,12 +280,13 @@ def pair_records(names: Sequence[str], n: int, seed: int, split: str, *,
     """``n`` preference pairs per skill or task of ``names`` from ``split``, shuffled:
     ``{"prompt", "chosen", "rejected", "rating", "task", "source"}``. The rejected answer
     is a wrong one of ``sampler(examples)`` (the model's own, see
-    ``sampled_wrong_answers``) where it gave one, else a made-up one (``wrong_answer``)."""
+    ``sampled_wrong_answers``; ``sampler(examples, split)``) where it gave one, else a
+    made-up one (``wrong_answer``)."""
     rng = random.Random(f"{seed}:pairs:{split}")
     records = []
     for name in names:
         exs = examples(name, n, seed, split, unique=split == "heldout")
-        sampled = sampler(exs) if sampler is not None else [None] * len(exs)
+        sampled = sampler(exs, split) if sampler is not None and exs else [None] * len(exs)
         for ex, own in zip(exs, sampled):
             wrong, rating = (own, _rating(ex, own)) if own else wrong_answer(ex, rng)
             records.append({"prompt": ex.question, "chosen": ex.answer, "rejected": wrong,
@@ -292,6 +306,7 @@ class PairsWritten:
 
     pairs: dict[str, int]
     from_model: int
+    notes: list[str] = field(default_factory=list)
 
     @property
     def made_up(self) -> int:
@@ -299,30 +314,39 @@ class PairsWritten:
 
 
 def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
-                n_valid: int = 20, seed: int = 0, model=None, k: int = 4) -> PairsWritten:
+                n_valid: int = 20, seed: int = 0, model=None, k: int = 4,
+                progress: bool = False) -> PairsWritten:
     """``reward-train`` data in folder ``out``: ``train.jsonl`` (``n`` pairs per skill or
     task of ``names``, training-split questions) and ``valid.jsonl`` (``n_valid`` pairs
     each, held-out questions): the checker's right answer is chosen over a wrong one,
     with ``model`` (a model folder or hub id) one of its own ``k`` samples where it got the question wrong (the
     mistakes a reward model must catch), else a made-up one (see ``wrong_answer``).
-    Returns a ``PairsWritten``."""
+    ``progress``: progress bars while the model samples. Returns a ``PairsWritten``."""
     names = [check_name(x) for x in names]
     if not names:
         raise Llama2Error("no skills or tasks to make pairs of")
     if n < 1 or n_valid < 1 or k < 1:
-        raise Llama2Error("--n, --n-valid and -k must be at least 1")
+        raise OptionError("{n}, {n_valid} and {k} must be at least 1")
     sampler = None
     if model is not None:
         from llama2_mlx.checkpoints.load import load
 
         net, tokenizer = load(model)
-        sampler = lambda exs: sampled_wrong_answers(net, tokenizer, exs, k=k, seed=seed)  # noqa: E731
+
+        def sample(exs, split):
+            return sampled_wrong_answers(net, tokenizer, exs, k=k, seed=seed, progress=progress,
+                                         description=f"sampling {exs[0].task} ({split})")
+        sampler = sample
     files = {"train.jsonl": pair_records(names, n, seed, "train", sampler=sampler),
              "valid.jsonl": pair_records(names, n_valid, seed, "heldout", sampler=sampler)}
     for file, records in files.items():
         write_jsonl_atomic(Path(out) / file, records)
+    notes = [OptionText("{n_valid} {asked}: {name} has {have} distinct held-out questions, so "
+                        "valid.jsonl has {have} of its pairs", asked=n_valid, name=name, have=have)
+             for name in names
+             if (have := sum(r["task"] == name for r in files["valid.jsonl"])) < n_valid]
     return PairsWritten({file: len(records) for file, records in files.items()},
-                        sum(r["source"] == "model" for rs in files.values() for r in rs))
+                        sum(r["source"] == "model" for rs in files.values() for r in rs), notes)
 
 
 def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
@@ -334,7 +358,8 @@ def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
     if not names:
         raise Llama2Error("no skills or tasks to write prompts for")
     if split not in T.SPLITS:
-        raise Llama2Error(f"--split must be one of {', '.join(T.SPLITS)}, not {split!r}")
+        raise OptionError("{split} must be one of {SPLITS}, not {got!r}",
+                          SPLITS=', '.join(T.SPLITS), got=split)
     records = [{"prompt": e.question, "task": name} for name in names
                for e in examples(name, n, seed, split, unique=True)]
     write_jsonl_atomic(Path(out), records)
@@ -374,9 +399,10 @@ def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
 
     check_name(name)
     if split not in T.SPLITS:
-        raise Llama2Error(f"--split must be one of {', '.join(T.SPLITS)}, not {split!r}")
+        raise OptionError("{split} must be one of {SPLITS}, not {got!r}",
+                          SPLITS=', '.join(T.SPLITS), got=split)
     if n < 1 or batch_size < 1:
-        raise Llama2Error("--n and --batch-size must be at least 1")
+        raise OptionError("{n} and {batch_size} must be at least 1")
     exs = examples(name, n, seed, split, unique=True)
     config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
     outputs: list[str] = []

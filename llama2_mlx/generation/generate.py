@@ -3,22 +3,21 @@
 ``make_sampler`` (sample.py) -> ``generate_step`` (token ids, prefill in chunks,
 then pipelined decoding) -> ``stream_generate`` (text chunks, stop conditions,
 statistics) -> ``generate`` (the whole text). ``batch_generate`` and
-``sample_k`` decode several sequences as one batch; ``ChatSession`` keeps a
-multi-turn dialog in the Llama 2 chat format.
+``sample_k`` decode several sequences as one batch. Chat (``ChatSession``,
+``chat_loop``) is in chat.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
 from llama2_mlx.chat.records import cut_answer
-from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.generation.sample import (
     LogitsProcessor,
     Sampler,
@@ -26,24 +25,42 @@ from llama2_mlx.generation.sample import (
     make_logits_processors,
     make_sampler,
 )
-from llama2_mlx.models.cache import PromptCache, cache_nbytes, fork, make_cache
+from llama2_mlx.models.cache import (
+    BoundedKVCache,
+    PromptCache,
+    cache_nbytes,
+    fork,
+    make_cache,
+)
 
 
 @dataclass
 class GenerationConfig:
-    """Options of one generation (see ``sample.make_sampler`` for the sampling ones)."""
+    """Options of one generation (see ``sample.make_sampler`` for the sampling ones).
 
-    max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
+    The fields with a ``help`` are the sampling options of the commands (``generate``,
+    ``chat``, ``rejection-sample``, ``rs-loop``): each default and help text is written
+    here only.
+    """
+
+    max_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per answer."})
+    temp: float = field(default=0.0, metadata={"help": "Sampling temperature (0: greedy)."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling mass, Meta's top-p (1: off)."})
+    top_k: int = field(default=0, metadata={
+        "help": "Sample among the k most likely tokens (0: off)."})
+    min_p: float = field(default=0.0, metadata={
+        "help": "Keep only tokens of at least this share of the top probability (0: off)."})
+    repetition_penalty: Optional[float] = field(default=None, metadata={
+        "help": "Repetition penalty, e.g. 1.1 (default: off)."})
     repetition_context_size: Optional[int] = 20
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = field(default=None, metadata={
+        "help": "Random seed for reproducible sampling."})
+    stop: list[str] = field(default_factory=list, metadata={
+        "help": "Stop at this string (repeatable)."})
     prefill_step: int = 512
-    max_kv_size: Optional[int] = None
+    max_kv_size: Optional[int] = field(default=None, metadata={
+        "help": "Bound the KV cache to N tokens (attention sinks and a sliding window)."})
 
     def make_sampler(self) -> Sampler:
         """The sampler for temp/top_p/top_k/min_p."""
@@ -54,13 +71,21 @@ class GenerationConfig:
         return make_logits_processors(self.repetition_penalty, self.repetition_context_size)
 
     def check(self) -> None:
-        """Raise ``Llama2Error`` for an invalid option."""
+        """Raise ``OptionError`` (a ``Llama2Error``) for an invalid option."""
         if self.max_tokens < 1:
-            raise Llama2Error(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise OptionError("{max_tokens} must be >= 1, got {got}", got=self.max_tokens)
         if self.prefill_step < 1:
-            raise Llama2Error(f"prefill_step must be >= 1, got {self.prefill_step}")
+            raise OptionError("{prefill_step} must be >= 1, got {got}", got=self.prefill_step)
+        if self.max_kv_size is not None and self.max_kv_size <= kv_sinks():
+            raise OptionError("{max_kv_size} {got} must be larger than {keep} kept tokens",
+                              got=self.max_kv_size, keep=kv_sinks())
         self.make_sampler()
         self.make_logits_processors()
+
+
+def kv_sinks() -> int:
+    """The tokens a bounded KV cache (``max_kv_size``) always keeps: its attention sinks."""
+    return inspect.signature(BoundedKVCache).parameters["keep"].default
 
 
 @dataclass
@@ -390,74 +415,3 @@ def prompt_ids(
         return tokenizer.encode(prompt, bos=True)
     messages = [{"role": "system", "content": system}] if system else []
     return tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
-
-
-class ChatSession:
-    """A multi-turn Llama 2 chat: the whole dialog is encoded in Meta's format for every
-    turn, and the part of it already in the KV cache (``PromptCache``; all of it up to
-    the new turn, as a rule) is not run again (``reuse_cache=False``: re-run it all).
-
-    Generation also stops at the chat-format tags (``records.cut_answer``'s default
-    stops: an answer holding one could not be encoded in the next turn).
-    """
-
-    def __init__(self, model, tokenizer, config: Optional[GenerationConfig] = None,
-                 system: Optional[str] = None, reuse_cache: bool = True):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        config = config or GenerationConfig()
-        self.config = dataclasses.replace(config, stop=list(config.stop) + list(SPECIAL_TAGS))
-        self.prompt_cache = PromptCache(model) if reuse_cache and config.max_kv_size is None else None
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the dialog (the system prompt stays)."""
-        self.messages: list[dict] = (
-            [{"role": "system", "content": self.system}] if self.system else []
-        )
-
-    def send(self, user: str) -> Iterator[Response]:
-        """Stream the answer to ``user``; the turn joins the history once it is finished."""
-        messages = self.messages + [{"role": "user", "content": user}]
-        ids = self.tokenizer.encode_chat(messages)
-        answer = []
-        for r in stream_generate(self.model, self.tokenizer, ids, self.config, self.prompt_cache):
-            answer.append(r.text)
-            yield r
-        self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
-
-
-def chat_loop(session: ChatSession, read: Callable[[], Optional[str]],
-              write: Callable[[str], None], note: Callable[[str], None]) -> None:
-    """Read user turns with ``read`` (None = end of input) and ``write`` the answers.
-
-    ``/reset`` clears the history and ``/quit`` ends; ``note`` gets messages
-    for the user (errors of one turn do not end the chat).
-    """
-    while (line := read()) is not None:
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/quit":
-            break
-        if line == "/reset":
-            session.reset()
-            note("(history cleared)")
-            continue
-        try:
-            for r in session.send(line):
-                write(r.text)
-            write("\n")
-        except Llama2Error as e:
-            note(f"error: {e}")
-
-
-def format_stats(r: Response) -> str:
-    """The statistics of a final ``Response`` as lines for stderr."""
-    return (
-        f"prompt: {r.prompt_tokens} tokens"
-        + (f" ({r.cached_tokens} from the cache)" if r.cached_tokens else "")
-        + f", {r.prompt_tps:.2f} tok/s\n"
-        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tok/s\n"
-        f"peak memory: {r.peak_memory:.3f} GB\n"
-        f"KV cache: {r.kv_cache_bytes} bytes ({r.kv_cache_bytes / 2**20:.2f} MiB)"
-    )

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import OptionError
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -27,13 +27,13 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 def _check(temp: float, top_p: float, top_k: int, min_p: float) -> None:
     if temp < 0:
-        raise Llama2Error(f"temperature must be >= 0, got {temp}")
+        raise OptionError("{temp} must be >= 0, got {got}", got=temp)
     if not 0 < top_p <= 1:
-        raise Llama2Error(f"top_p must be in (0, 1], got {top_p}")
+        raise OptionError("{top_p} must be in (0, 1], got {got}", got=top_p)
     if top_k < 0 or int(top_k) != top_k:
-        raise Llama2Error(f"top_k must be a non-negative integer, got {top_k}")
+        raise OptionError("{top_k} must be a non-negative integer, got {got}", got=top_k)
     if not 0 <= min_p <= 1:
-        raise Llama2Error(f"min_p must be in [0, 1], got {min_p}")
+        raise OptionError("{min_p} must be in [0, 1], got {got}", got=min_p)
 
 
 def make_sampler(
@@ -85,9 +85,9 @@ def make_repetition_penalty(penalty: float, context_size: Optional[int] = 20) ->
     ``tokens`` is (T,) for every row or (B, T) per row.
     """
     if not penalty > 0:
-        raise Llama2Error(f"repetition penalty must be > 0, got {penalty}")
+        raise OptionError("{repetition_penalty} must be > 0, got {got}", got=penalty)
     if context_size is not None and context_size < 1:
-        raise Llama2Error(f"repetition context size must be >= 1, got {context_size}")
+        raise OptionError("{repetition_context_size} must be >= 1, got {got}", got=context_size)
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:

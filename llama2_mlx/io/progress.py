@@ -37,21 +37,29 @@ class ProgressBar:
     field shows "-" until set); ``update(completed, loss="0.25")`` moves the bar
     and sets fields; ``log(line)`` prints a line above it. With
     ``enabled=False`` nothing is shown but ``log`` still prints.
+
+    When the console is not a terminal (stderr sent to a log file) there is no bar:
+    every ``every`` steps (and at the last) one line says where the loop is, with
+    its fields (``lora-train 10/100: loss 1.2345, lr 1.00e-03, ...``). ``every``
+    defaults to a tenth of the total (0: no lines).
     """
 
     def __init__(
         self, description: str, total: int, columns: Sequence[str] = (), *, completed: int = 0,
-        enabled: bool = True, console: Optional[Console] = None,
+        enabled: bool = True, console: Optional[Console] = None, every: Optional[int] = None,
     ):
         self.console = console or Console(file=sys.stderr)
         self.description, self.total, self.completed = description, total, completed
         self.columns, self.enabled = list(columns), enabled
+        self.every = every if every is not None else max(1, total // 10)
+        self.bar = enabled and self.console.is_terminal
+        self.lines = enabled and not self.console.is_terminal and self.every > 0
+        self._fields = [name for c in self.columns for _, name, _, _ in Formatter().parse(c) if name]
         self._progress: Optional[Progress] = None
         self._task = None
 
     def __enter__(self) -> "ProgressBar":
-        if self.enabled:
-            fields = [name for c in self.columns for _, name, _, _ in Formatter().parse(c) if name]
+        if self.bar:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -65,7 +73,7 @@ class ProgressBar:
             self._progress.__enter__()
             self._task = self._progress.add_task(
                 self.description, total=self.total, completed=self.completed,
-                **dict.fromkeys(fields, "-"),
+                **dict.fromkeys(self._fields, "-"),
             )
         return self
 
@@ -78,7 +86,12 @@ class ProgressBar:
         """Move to ``completed`` and show the given (already formatted) fields."""
         if self._progress is not None:
             self._progress.update(self._task, completed=completed, **fields)
+        elif self.lines and (completed % self.every == 0 or completed == self.total):
+            values = {**dict.fromkeys(self._fields, "-"), **fields}
+            shown = ", ".join(c.format(**values) for c in self.columns)
+            self.log(f"{self.description} {completed}/{self.total}" + (f": {shown}" if shown else ""))
+        self.completed = completed
 
     def log(self, message: str) -> None:
         """Print a line (above the bar while it is shown)."""
-        self.console.print(message, highlight=False, markup=False)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)

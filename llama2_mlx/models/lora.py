@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.formats.weights import check_dtypes, check_state_dict, parameter_shapes
 from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
 
@@ -65,11 +65,11 @@ class LoRAConfig:
     def __post_init__(self):
         self.keys = resolve_keys(self.keys)
         if self.rank < 1:
-            raise Llama2Error(f"--rank must be at least 1 (got {self.rank})")
+            raise OptionError("{rank} must be at least 1 (got {got})", got=self.rank)
         if not 0.0 <= self.dropout < 1.0:
-            raise Llama2Error(f"--dropout must be in [0, 1) (got {self.dropout})")
+            raise OptionError("{dropout} must be in [0, 1) (got {got})", got=self.dropout)
         if not self.keys:
-            raise Llama2Error("--keys: no projection to adapt")
+            raise OptionError("{keys}: no projection to adapt")
 
 
 class LoRALinear(nn.Module):
@@ -120,7 +120,7 @@ def _adapted_count(num_layers: int, n: int) -> int:
 def _layer_range(model: nn.Module, num_layers: int) -> range:
     n = len(model.layers)
     if num_layers > n:
-        raise Llama2Error(f"--num-layers {num_layers}: the model has only {n} layers")
+        raise OptionError("{num_layers} {got}: the model has only {n} layers", got=num_layers, n=n)
     return range(n - _adapted_count(num_layers, n), n)
 
 
@@ -135,11 +135,11 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         for key in config.keys:
             base = modules.get(key)
             if base is None:
-                raise Llama2Error(f"--keys: no module '{key}' in model layer {i}")
+                raise OptionError("{keys}: no module '{key}' in model layer {i}", key=key, i=i)
             if isinstance(base, LoRALinear):
-                raise Llama2Error(f"--keys: '{key}' of layer {i} already has an adapter")
+                raise OptionError("{keys}: '{key}' of layer {i} already has an adapter", key=key, i=i)
             if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-                raise Llama2Error(f"--keys: '{key}' of layer {i} is not a linear layer")
+                raise OptionError("{keys}: '{key}' of layer {i} is not a linear layer", key=key, i=i)
             wrapped.append((key, LoRALinear(base, config.rank, config.scale, config.dropout)))
         block.update_modules(tree_unflatten(wrapped))
     return model
@@ -222,7 +222,7 @@ def read_adapter_config(adapter_path) -> tuple[str, LoRAConfig]:
 
     path = Path(adapter_path) / ADAPTER_CONFIG
     if not exists(path):
-        raise Llama2Error(f"--adapter-path: {path} not found")
+        raise OptionError("{adapter_path}: {path} not found", path=path)
     cfg = read_json(path)
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "full"):
@@ -282,7 +282,7 @@ def load_adapters(model: nn.Module, adapter_path) -> nn.Module:
     kind, config = read_adapter_config(adapter_path)
     wfile = Path(adapter_path) / ADAPTER_WEIGHTS
     if not exists(wfile):
-        raise Llama2Error(f"--adapter-path: {wfile} not found")
+        raise OptionError("{adapter_path}: {wfile} not found", wfile=wfile)
     declared = safetensors_header(wfile)  # shapes checked before any byte is read
     check_dtypes(declared, wfile)
     if kind == "lora":

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 from llama2_mlx.chat.records import cut_answer, read_prompts
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_jsonl_atomic
 from llama2_mlx.io.distributed import World, world
@@ -40,18 +40,21 @@ from llama2_mlx.rlhf.reward_model import (
 @dataclass
 class RSConfig:
     """K samples per prompt drawn with ``generation`` (temperature, top-p, max tokens...;
-    its seed seeds the whole run); ``score_batch_size`` sequences per reward batch."""
+    its seed seeds the whole run); ``score_batch_size`` sequences per reward batch.
+    ``k`` and the sampling fields of ``generation`` (as set here: temperature 1, seed 0)
+    are the sampling options of ``rejection-sample`` and ``rs-loop``."""
 
-    k: int = 4
+    k: int = field(default=4, metadata={"help": "Samples per prompt."})
     generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(max_tokens=256, temp=1.0, top_p=1.0))
+        default_factory=lambda: GenerationConfig(max_tokens=256, temp=1.0, top_p=1.0, seed=0))
     score_batch_size: int = 16
 
     def check(self) -> None:
         if self.k < 1:
-            raise Llama2Error(f"-k must be at least 1 (got {self.k})")
+            raise OptionError("{k} must be at least 1 (got {got})", got=self.k)
         if self.score_batch_size < 1:
-            raise Llama2Error(f"--score-batch-size must be at least 1 (got {self.score_batch_size})")
+            raise OptionError("{score_batch_size} must be at least 1 (got {got})",
+                              got=self.score_batch_size)
         self.generation.check()
 
 
@@ -244,8 +247,9 @@ def load_models(model, adapter_path, reward_model, dtype, log: Callable[[str], N
     if adapter_path is not None:
         kind, lora_config = read_adapter_config(adapter_path)
         if kind != "lora":
-            raise Llama2Error(f"--adapter-path {adapter_path}: holds a {kind} fine-tune, "
-                              "not LoRA adapters (fuse it into the model first)")
+            raise OptionError("{adapter_path} {path}: holds a {kind} fine-tune, not LoRA "
+                              "adapters (fuse it into the model first)", path=adapter_path,
+                              kind=kind)
     base = SharedBase.load(model, dtype)
     rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype, shared=base)
     if base.shared_by(rm):

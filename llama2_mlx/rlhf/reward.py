@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import mlx.core as mx
 
 from llama2_mlx.chat.records import read_records, response_of
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import OptionError, OptionText
 from llama2_mlx.models.model import Transformer
 from llama2_mlx.rlhf.reward_data import (
     MARGINS,
@@ -99,11 +99,13 @@ class RewardTrainConfig:
         if self.lora is None:
             self.lora = LoRAConfig()
         if self.fine_tune_type not in ("lora", "full"):
-            raise Llama2Error(f"--fine-tune-type must be lora or full, not {self.fine_tune_type!r}")
+            raise OptionError("{fine_tune_type} must be lora or full, not {got!r}",
+                              got=self.fine_tune_type)
         if self.margin not in MARGINS:
-            raise Llama2Error(f"--margin must be one of {', '.join(MARGINS)}, not {self.margin!r}")
+            raise OptionError("{margin} must be one of {choices}, not {got!r}",
+                              choices=', '.join(MARGINS), got=self.margin)
         if self.eval_every < 0:
-            raise Llama2Error(f"--eval-every must be >= 0 (got {self.eval_every})")
+            raise OptionError("{eval_every} must be >= 0 (got {got})", got=self.eval_every)
 
 
 # §3.2.2: warmup over 3% of the steps, at least 5 (``TrainConfig.warmup_steps``).
@@ -155,9 +157,12 @@ def fit_reward_model(
 ) -> RewardTrainResult:
     """Train ``rm`` (see ``prepare_reward_model``) with the shared trainer on encoded pairs;
     held-out metrics are logged every ``config.eval_every`` steps and at the end; with
-    ``out_dir`` the reward model folder is written there at each checkpoint and at the end."""
+    ``out_dir`` the reward model folder is written there at each checkpoint and at the end,
+    and the metrics to its ``metrics.jsonl`` (held-out loss, accuracy and reward gap as
+    "val" records)."""
     from llama2_mlx.io.distributed import world
     from llama2_mlx.io.progress import log_stderr
+    from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
     from llama2_mlx.training.trainer import train
 
     say = world().main_only(log or log_stderr)  # under mlx.launch: rank 0 (which alone saves)
@@ -168,11 +173,15 @@ def fit_reward_model(
     if out_dir is not None and train_cfg.checkpoint_dir is None:
         train_cfg.checkpoint_dir = Path(out_dir) / "checkpoints"
     history: list[tuple[int, RewardMetrics]] = []
+    metrics = MetricsLog(Path(out_dir) / METRICS_FILE) if out_dir is not None else None
 
     def run_eval(step: int) -> RewardMetrics:
         m = evaluate(rm, valid_pairs, batch_size=config.eval_batch_size)
         history.append((step, m))
         say(f"step {step}: held-out {m.summary()}")
+        if metrics is not None:
+            metrics.write("val", step, val_loss=m.loss, val_accuracy=m.accuracy,
+                          val_gap=m.mean_gap)
         return m
 
     def on_step(step: int, _metrics: dict) -> None:
@@ -192,7 +201,8 @@ def fit_reward_model(
                    "total_steps": total, "metrics": last},
         )
 
-    result = train(rm, reward_loss, batches, train_cfg, on_step=on_step, on_save=on_save, log=say)
+    result = train(rm, reward_loss, batches, train_cfg, on_step=on_step, on_save=on_save, log=say,
+                   metrics=metrics)
     if not history or history[-1][0] != result.steps:
         run_eval(result.steps)
     rm.eval()
@@ -202,12 +212,22 @@ def fit_reward_model(
 def train_reward_model(base_model, data, out_dir, config: Optional[RewardTrainConfig] = None, *,
                        dtype=None, log: Optional[Callable[[str], None]] = None) -> RewardTrainResult:
     """Load ``base_model``, read ``data`` (a folder with train.jsonl [+ valid.jsonl]), train a
-    reward model and save it to ``out_dir`` (see ``fit_reward_model``)."""
+    reward model and save it to ``out_dir`` (see ``fit_reward_model``). Sequences longer
+    than the model's context are cut to it (with a note)."""
     from llama2_mlx.checkpoints.load import load
+    from llama2_mlx.io.progress import log_stderr
 
+    say = log or log_stderr
     config = config or RewardTrainConfig()
-    train_pairs, valid_pairs = load_reward_data(data, margin=config.margin, seed=config.train.seed)
+    train_pairs, valid_pairs = load_reward_data(data, margin=config.margin, seed=config.train.seed,
+                                                log=say)
     policy, tokenizer = load(base_model, dtype=dtype)
+    context = policy.args.max_seq_len
+    if config.max_seq_len > context:
+        say(OptionText("{max_seq_len} {got} is above the model's context of {context} tokens: "
+                       "the last {context} tokens of longer sequences are kept",
+                       got=config.max_seq_len, context=context))
+        config = dataclasses.replace(config, max_seq_len=context)
     rm = prepare_reward_model(policy, config, seed=config.train.seed)
     enc_train = encode_pairs(tokenizer, train_pairs, config.max_seq_len)
     enc_valid = encode_pairs(tokenizer, valid_pairs, config.max_seq_len)

@@ -13,13 +13,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from llama2_mlx.chat.records import answer_of, prompt_of, read_records
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.training.data import EpochBatches, epoch_rng
 
 # Table 27: margin m(r) by preference rating.
@@ -61,7 +61,8 @@ def parse_pair(record: dict, *, margin: str = "small", where: str = "pair") -> P
     numeric ``"margin"`` is used as given, except under ``none`` (no margin at all).
     """
     if margin not in MARGINS:
-        raise Llama2Error(f"--margin must be one of {', '.join(MARGINS)}, not {margin!r}")
+        raise OptionError("{margin} must be one of {choices}, not {got!r}",
+                          choices=', '.join(MARGINS), got=margin)
     if not isinstance(record, dict):
         raise Llama2Error(f"{where}: expected a JSON object")
     prompt = prompt_of(record, where)
@@ -94,12 +95,13 @@ def load_pairs(path: str | os.PathLike, *, margin: str = "small") -> list[Prefer
 
 
 def load_reward_data(
-    data: str | os.PathLike, *, margin: str = "small", valid_fraction: float = 0.05, seed: int = 0
+    data: str | os.PathLike, *, margin: str = "small", valid_fraction: float = 0.05, seed: int = 0,
+    log: Optional[Callable[[str], None]] = None,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs from ``DIR/train.jsonl`` and ``DIR/valid.jsonl``.
 
     Without a ``valid.jsonl`` (or given a single file) a seeded ``valid_fraction`` of the
-    pairs is held out (at least one).
+    pairs is held out (at least one), which ``log`` is told.
     """
     data = Path(data)
     if data.is_dir():
@@ -115,6 +117,9 @@ def load_reward_data(
         raise Llama2Error(f"{data}: need at least 2 pairs to hold one out (or a valid.jsonl)")
     order = np.random.RandomState(seed).permutation(len(train))
     n_valid = max(1, int(round(valid_fraction * len(train))))
+    if log is not None:
+        where = f"no valid.jsonl in {data.resolve()}" if data.is_dir() else "one file"
+        log(f"{where}: {n_valid} of its {len(train)} pairs are held out for validation")
     held = set(order[:n_valid].tolist())
     return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
@@ -190,7 +195,7 @@ class PairBatches:
         if not pairs:
             raise Llama2Error("no preference pairs to train on")
         if batch_size < 1:
-            raise Llama2Error(f"--batch-size must be at least 1 (got {batch_size})")
+            raise OptionError("{batch_size} must be at least 1 (got {got})", got=batch_size)
         self.pairs, self.batch_size, self.seed, self.shuffle = list(pairs), batch_size, seed, shuffle
 
     def __len__(self) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from llama2_mlx.chat.records import read_prompts
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import log_stderr
@@ -37,24 +37,26 @@ from llama2_mlx.rlhf.rejection import (
     write_report,
 )
 from llama2_mlx.rlhf.reward_model import RewardModel
+from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
 
 if TYPE_CHECKING:
     from llama2_mlx.training.sft import SFTOptions
 
 
 def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
-             lora_config=None, log: Callable[[str], None] = log_stderr):
+             lora_config=None, log: Callable[[str], None] = log_stderr, metrics=None):
     """Fine-tune ``policy``'s LoRA adapters on a ``lora-train`` JSONL file with
     ``sft.lora_train`` (``opts``: an ``sft.SFTOptions``; its data files, adapter path and
     resume are replaced); adapters the policy already has (``lora_config`` describes them)
     are trained further, else new ones are added. The adapters are written to
-    ``adapter_path``. Returns the trainer's result."""
+    ``adapter_path``, the metrics to ``metrics`` (a ``MetricsLog``; default: the adapter
+    folder's metrics.jsonl). Returns the trainer's result."""
     from llama2_mlx.training.sft import lora_train
 
     opts = opts.with_options(data=None, train=str(train_file), valid=None, test=None,
                              adapter_path=str(adapter_path), resume=False)
     return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
-                      description="rs fine-tune").train
+                      description="rs fine-tune", metrics=metrics).train
 
 
 # rs-loop's fine-tunes: lora-train's defaults but for a higher peak learning rate.
@@ -80,7 +82,7 @@ class RSLoopConfig:
         if self.sft is None:
             self.sft = SFTOptions.resolve(defaults=FINETUNE_DEFAULTS)
         if self.iterations < 1:
-            raise Llama2Error(f"--iterations must be at least 1 (got {self.iterations})")
+            raise OptionError("{iterations} must be at least 1 (got {got})", got=self.iterations)
 
 
 @dataclass
@@ -107,7 +109,8 @@ class IterationSummary:
 SETTINGS_FILE = "rs_loop.json"
 SUMMARY_FILE = "summary.jsonl"
 # SFTOptions fields that rs-loop sets itself or that do not change the results.
-_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress")
+_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress",
+                 "log_every")
 
 
 def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
@@ -137,20 +140,23 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     """The finished iterations of the run in ``out`` and its pool of winners."""
     f = out / SETTINGS_FILE
     if not f.exists() or not (out / SUMMARY_FILE).exists():
-        raise Llama2Error(f"--resume: {out} holds no rs-loop run to continue (no {f.name})")
+        raise OptionError("{resume}: {out} holds no rs-loop run to continue (no {name})",
+                          out=out, name=f.name)
     diff = list(_differences(read_json(f), settings))
     if diff:
-        raise Llama2Error(f"--resume: {f} was written with other settings ({diff[0]}); "
-                          "use the same options, or a new --out")
+        raise OptionError("{resume}: {f} was written with other settings ({diff}); "
+                          "use the same options, or a new {out}", f=f, diff=diff[0])
     summaries = [IterationSummary(**rec) for _, rec in read_jsonl(out / SUMMARY_FILE)]
     if [s.iteration for s in summaries] != list(range(len(summaries))):
-        raise Llama2Error(f"--resume: {out / SUMMARY_FILE} is not a run of iterations 0, 1, ...")
+        raise OptionError("{resume}: {out_SUMMARY_FILE} is not a run of iterations 0, 1, ...",
+                          out_SUMMARY_FILE=out / SUMMARY_FILE)
     pool: list[dict] = []
     last = len(summaries) - 1
     if last >= 1:
         d = out / f"iter_{last:02d}"
         if not (d / "adapters" / "adapter_config.json").exists():
-            raise Llama2Error(f"--resume: {d / 'adapters'} is missing (iteration {last})")
+            raise OptionError("{resume}: {d_adapters} is missing (iteration {last})",
+                              d_adapters=d / 'adapters', last=last)
         pool = [rec for _, rec in read_jsonl(d / "train.jsonl")]
     return summaries, pool
 
@@ -174,8 +180,8 @@ def _from_main(w: World, read: Callable[[], tuple[list, list]]):
 
 def _fresh(out: Path, settings: dict) -> tuple[list, list]:
     if (out / SUMMARY_FILE).exists():
-        raise Llama2Error(f"{out}: holds an earlier rs-loop run ({SUMMARY_FILE}); pass --resume "
-                          "to continue it, or choose another --out")
+        raise OptionError("{path}: holds an earlier rs-loop run ({file}); pass {resume} "
+                          "to continue it, or choose another {out}", path=out, file=SUMMARY_FILE)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SETTINGS_FILE, settings)
     return [], []
@@ -196,7 +202,8 @@ def rs_loop(
     starting policy on the whole pool and measures its mean greedy reward. Under
     ``out_dir/iter_NN/`` it writes ``samples.jsonl`` (all K), ``winners.jsonl``,
     ``train.jsonl`` (the pool) and ``adapters/``; ``summary.jsonl`` gets one line per
-    iteration, iteration 0 being the starting policy. ``resume`` continues the run in
+    iteration, iteration 0 being the starting policy, and ``metrics.jsonl`` the
+    fine-tunes' metrics (with their ``iteration``) and an "iteration" record each. ``resume`` continues the run in
     ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
     grow), with the same results as a run that was never stopped.
     """
@@ -210,11 +217,15 @@ def rs_loop(
     summaries, pool = _from_main(w, lambda: _resumed(out, settings) if resume
                                  else _fresh(out, settings))
     greedy_tokens = config.greedy_max_tokens or config.rs.generation.max_tokens
+    metrics = None
+    if w.is_main:  # rank 0 alone writes
+        metrics = MetricsLog(out / METRICS_FILE)
+        metrics.restart(len(summaries) - 1 if resume else -1, key="iteration")
     # The pool the fine-tunes read: the run's train.jsonl on rank 0, a private copy elsewhere.
     private = None if w.is_main else Path(tempfile.mkdtemp(prefix="llama2-rs-pool-"))
     try:
         return _iterations(load_policy, rm, rm_tokenizer, prompts, out, config, eval_prompts,
-                           lora_config, log, summaries, pool, greedy_tokens, w, private)
+                           lora_config, log, summaries, pool, greedy_tokens, w, private, metrics)
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -222,13 +233,17 @@ def rs_loop(
 
 def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoopConfig,
                 eval_prompts, lora_config, log, summaries: list, pool: list, greedy_tokens: int,
-                w: World, private: Optional[Path]) -> list[IterationSummary]:
+                w: World, private: Optional[Path], metrics) -> list[IterationSummary]:
     """The iterations of ``rs_loop`` after the finished ones (``summaries``)."""
 
     def record(s: IterationSummary) -> None:
         summaries.append(s)
         if w.is_main:
             write_jsonl_atomic(out / SUMMARY_FILE, (dataclasses.asdict(x) for x in summaries))
+            metrics.write("iteration", s.iteration, iteration=s.iteration,
+                          mean_greedy_reward=s.mean_greedy_reward,
+                          mean_best_reward=s.mean_best_reward,
+                          mean_median_reward=s.mean_median_reward, pool_size=s.pool_size)
         log(s.line())
 
     def greedy(p) -> float:
@@ -240,7 +255,7 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
         policy, tokenizer = load_policy()
     else:
         policy, tokenizer = load_policy(out / f"iter_{done:02d}" / "adapters")
-        log(f"resuming {out} after iteration {done} (pool {len(pool)})")
+        log(f"resuming {out.resolve()} after iteration {done} (pool {len(pool)})")
     if done < 0:
         record(IterationSummary(0, greedy(policy)))
     base_seed = config.rs.generation.seed if config.rs.generation.seed is not None else 0
@@ -259,8 +274,8 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
         del policy
         policy, tokenizer = load_policy()
         sft = config.sft.with_options(seed=config.sft.train.seed + it)
-        finetune(policy, tokenizer, train_file, d / "adapters", sft,
-                 lora_config=lora_config, log=log)
+        finetune(policy, tokenizer, train_file, d / "adapters", sft, lora_config=lora_config,
+                 log=log, metrics=metrics.scoped(iteration=it) if metrics is not None else None)
         record(IterationSummary(it, greedy(policy), report.mean_best, report.mean_median,
                                 len(pool), str(d / "adapters"), time.perf_counter() - tic))
     return summaries

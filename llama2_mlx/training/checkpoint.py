@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from llama2_mlx.errors import Llama2Error, one_line
+from llama2_mlx.errors import Llama2Error, OptionError, one_line
 from llama2_mlx.formats.safetensors import read_safetensors
 from llama2_mlx.io.atomic import atomic_dir
 from llama2_mlx.io.readers import read_json
@@ -61,7 +61,7 @@ def load_checkpoint(root) -> tuple[Path, dict[str, mx.array], dict, dict]:
     """The newest checkpoint under ``root``: (folder, params, flat optimizer state, state)."""
     found = list_checkpoints(root)
     if not found:
-        raise Llama2Error(f"--resume: no checkpoint found in {root}")
+        raise OptionError("{resume}: no checkpoint found in {root}", root=root)
     path = found[-1]
     # Checked readers: the header of each file before its bytes, regular files only.
     params = read_safetensors(path / PARAMS_FILE)

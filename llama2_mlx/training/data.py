@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from llama2_mlx.chat.records import has_dialog, read_records, sft_dialog, string_field
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 
 LONG_POLICIES = ("error", "truncate", "skip")
 PAD_ID = 0  # padding input id (never a target)
@@ -91,9 +91,10 @@ def fit_length(samples: Sequence[Sample], max_seq_length: int, policy: str = "er
     Returns (samples, LengthReport).
     """
     if policy not in LONG_POLICIES:
-        raise Llama2Error(f"--long-samples must be one of {', '.join(LONG_POLICIES)} (got {policy!r})")
+        raise OptionError("{long_samples} must be one of {choices} (got {policy!r})",
+                          choices=', '.join(LONG_POLICIES), policy=policy)
     if max_seq_length < 2:
-        raise Llama2Error(f"--max-seq-length must be at least 2 (got {max_seq_length})")
+        raise OptionError("{max_seq_length} must be at least 2 (got {got})", got=max_seq_length)
     limit = max_seq_length + 1
     report = LengthReport(policy)
     kept = []
@@ -103,10 +104,9 @@ def fit_length(samples: Sequence[Sample], max_seq_length: int, policy: str = "er
             continue
         report.long.append(s.where)
         if policy == "error":
-            raise Llama2Error(
-                f"{s.where}: sample of {len(s)} tokens is longer than --max-seq-length "
-                f"{max_seq_length} + 1; pass --long-samples truncate or skip"
-            )
+            raise OptionError(
+                "{where}: sample of {n} tokens is longer than {max_seq_length} {got} + 1; "
+                "pass {long_samples} truncate or skip", where=s.where, n=len(s), got=max_seq_length)
         if policy == "truncate":
             cut = Sample(s.tokens[:limit], s.targets[:limit], s.where)
             if cut.num_targets:
@@ -187,10 +187,11 @@ class SFTBatches:
         if not samples:
             raise Llama2Error("no samples to batch")
         if batch_size < 1:
-            raise Llama2Error(f"--batch-size must be at least 1 (got {batch_size})")
+            raise OptionError("{batch_size} must be at least 1 (got {got})", got=batch_size)
         too_long = [s for s in samples if len(s) - 1 > max_seq_length]
         if too_long:
-            raise Llama2Error(f"{too_long[0].where}: longer than --max-seq-length {max_seq_length}")
+            raise OptionError("{where}: longer than {max_seq_length} {got}",
+                              where=too_long[0].where, got=max_seq_length)
         self.samples = list(samples)
         self.batch_size, self.max_seq_length = batch_size, max_seq_length
         self.pack, self.seed, self.shuffle = pack, seed, shuffle

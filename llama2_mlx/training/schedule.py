@@ -13,7 +13,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.optimizers as optim
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import OptionError
 
 
 def lr_schedule(
@@ -26,13 +26,13 @@ def lr_schedule(
     at the last step) or "constant" (stays at the peak).
     """
     if peak <= 0:
-        raise Llama2Error(f"--lr must be positive (got {peak})")
+        raise OptionError("{lr} must be positive (got {peak})", peak=peak)
     if warmup < 0:
-        raise Llama2Error(f"--warmup must be >= 0 (got {warmup})")
+        raise OptionError("{warmup} must be >= 0 (got {got})", got=warmup)
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise Llama2Error(f"--min-lr-ratio must be in [0, 1] (got {min_lr_ratio})")
+        raise OptionError("{min_lr_ratio} must be in [0, 1] (got {got})", got=min_lr_ratio)
     if kind not in ("cosine", "constant"):
-        raise Llama2Error(f"--schedule must be cosine or constant (got {kind!r})")
+        raise OptionError("{schedule} must be cosine or constant (got {kind!r})", kind=kind)
     floor = peak * min_lr_ratio
     decay_steps = max(1, total_steps - warmup - 1)
 

@@ -21,10 +21,10 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError, OptionText
 from llama2_mlx.io.distributed import world
 from llama2_mlx.io.progress import log_stderr
-from llama2_mlx.io.readers import exists, is_dir, read_options
+from llama2_mlx.io.readers import exists, is_dir
 from llama2_mlx.models.lora import (
     LoRAConfig,
     apply_lora,
@@ -33,7 +33,9 @@ from llama2_mlx.models.lora import (
     train_lora_only,
     trainable_count,
 )
+from llama2_mlx.training.config_file import read_config_file
 from llama2_mlx.training.data import SFTBatches, fit_length, load_samples
+from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
 from llama2_mlx.training.trainer import TrainConfig, TrainResult, evaluate, train
 
 # §3.1: cosine schedule, lr 2e-5, weight decay 0.1, batch 64, sequence length 4096,
@@ -80,12 +82,12 @@ class DataConfig:
             if not exists(p) and self.data is not None and exists(Path(self.data) / given):
                 p = Path(self.data) / given
             if not exists(p):
-                raise Llama2Error(f"--{split}: {p} not found")
+                raise OptionError(f"{{{split}}}: {{path}} not found", path=p)
             return p
         if self.data is None:
             return None
         if not is_dir(self.data):
-            raise Llama2Error(f"--data: {self.data} is not a folder")
+            raise OptionError("{data}: {got} is not a folder", got=self.data)
         p = Path(self.data) / f"{split}.jsonl"
         return p if exists(p) else None
 
@@ -111,28 +113,32 @@ class SFTOptions:
     @classmethod
     def resolve(
         cls, cli: Optional[dict] = None, config_file=None, preset: Optional[str] = None,
-        defaults: Optional[dict] = None,
+        defaults: Optional[dict] = None, config_option: str = "config",
     ) -> "SFTOptions":
         """Defaults < ``defaults`` (a caller's own, by option name) < ``preset`` <
-        ``config_file`` < ``cli`` (by option name; its None values are unset)."""
+        ``config_file`` (``config_file.read_config_file``; ``config_option`` names the option
+        that gave it) < ``cli`` (by option name; its None values are unset)."""
         values: dict[str, Any] = {}
         _apply(values, defaults or {}, "defaults")
         if preset is not None:
             if preset not in PRESETS:
-                raise Llama2Error(f"--preset: unknown preset {preset!r} (have {', '.join(PRESETS)})")
+                raise OptionError("{preset}: unknown preset {got!r} (have {choices})",
+                                  got=preset, choices=', '.join(PRESETS))
             _apply(values, PRESETS[preset], f"preset {preset}")
-        file_values = read_config_file(config_file) if config_file is not None else {}
+        file_values = (read_config_file(config_file, config_option)
+                       if config_file is not None else {})
         if "preset" in file_values:
             p = file_values.pop("preset")
             if preset is None:
-                return cls.resolve(cli, config_file, p, defaults)
+                return cls.resolve(cli, config_file, p, defaults, config_option)
         _apply(values, file_values, str(config_file))
         _apply(values, {k: v for k, v in (cli or {}).items() if v is not None}, "command line")
         effective = values.pop(EFFECTIVE_BATCH, None)
         if effective is not None and "grad_accum" not in values:
             bs = values.get("batch_size", DataConfig.batch_size)
             if effective % bs:
-                raise Llama2Error(f"--batch-size {bs} does not divide the effective batch {effective}")
+                raise OptionError("{batch_size} {bs} does not divide the effective batch {effective}",
+                                  bs=bs, effective=effective)
             values["grad_accum"] = effective // bs
         return cls.from_settings(values)
 
@@ -217,15 +223,6 @@ def _apply(values: dict, layer: dict, where: str) -> None:
         values.pop(EFFECTIVE_BATCH, None)
 
 
-def read_config_file(path) -> dict:
-    """The options of a YAML or JSON config file (a mapping of option names), read with
-    ``io.readers.read_options`` (bounded, no YAML aliases)."""
-    path = Path(path)
-    if not exists(path):
-        raise Llama2Error(f"--config: {path} not found")
-    return read_options(path)
-
-
 def sft_loss(model: nn.Module, batch) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over the batch's target tokens, and their number.
 
@@ -263,13 +260,15 @@ class SFTResult:
 def lora_train(
     opts: SFTOptions, model: Optional[nn.Module] = None, tokenizer=None,
     log: Callable[[str], None] = log_stderr, *, lora_config: Optional[LoRAConfig] = None,
-    description: str = "lora-train",
+    description: str = "lora-train", metrics: Optional[MetricsLog] = None,
 ) -> SFTResult:
     """Fine-tune LoRA adapters on ``opts.data`` and write them to ``opts.adapter_path``.
 
     ``model``/``tokenizer`` default to loading ``opts.model``. Adapters ``model`` already
     has (``lora_config`` describes them) are trained further; else new ones are added
-    (``opts.lora``). ``description`` labels the progress bar.
+    (``opts.lora``). ``description`` labels the progress bar. The run's metrics go to
+    ``metrics`` (default: ``metrics.jsonl`` in the adapter folder). Rows longer than the
+    model's context are cut to it (with a note).
     """
     log = world().main_only(log)  # under mlx.launch rank 0 alone logs and writes
     # The options were checked when they were made, before the (slow) model load.
@@ -279,24 +278,33 @@ def lora_train(
     data = opts.data
     train_file = data.file("train")
     if train_file is None:
-        raise Llama2Error("no training data: give --data DIR (with train.jsonl) or --train FILE")
+        raise OptionError("no training data: give {data} DIR (with train.jsonl) or {train} FILE")
     if model is None or tokenizer is None:
         if opts.model is None:
-            raise Llama2Error("--model is required")
+            raise OptionError("{model} is required")
         from llama2_mlx.checkpoints.load import load
 
         model, tokenizer = load(opts.model, dtype=opts.dtype)
+    context = model.args.max_seq_len
+    if data.max_seq_length > context:
+        log(OptionText("{max_seq_length} {got} is above the model's context of {context} "
+                       "tokens: rows of {context} tokens are used", got=data.max_seq_length,
+                       context=context))
+        data = dataclasses.replace(data, max_seq_length=context)
     splits = {}
     for split in ("train", "valid", "test"):
         path = train_file if split == "train" else data.file(split)
         if path is None:
+            if split == "valid" and data.data is not None:
+                log(f"no valid.jsonl in {Path(data.data).resolve()}: training without validation")
             continue
         samples, report = fit_length(load_samples(path, tokenizer), data.max_seq_length,
                                      data.long_samples)
         if (msg := report.message(str(path), data.max_seq_length + 1)) is not None:
             log(msg)
         if not samples:
-            raise Llama2Error(f"{path}: no sample left after --long-samples {data.long_samples}")
+            raise OptionError("{path}: no sample left after {long_samples} {got}",
+                              path=path, got=data.long_samples)
         shuffle = split == "train"
         splits[split] = SFTBatches(samples, data.batch_size, data.max_seq_length, data.pack,
                                    config.seed, shuffle=shuffle)
@@ -320,7 +328,8 @@ def lora_train(
     trainable, total = trainable_count(model)
     log(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    settings = {k: v for k, v in opts.settings().items() if k != "progress"}
+    settings = {k: v for k, v in opts.settings().items() if k not in ("progress", "log_every")}
+    settings["max_seq_length"] = data.max_seq_length
 
     def on_save(m, step):
         save_adapters(m, adapter_path, lora_cfg, step=step, training=settings)
@@ -330,10 +339,11 @@ def lora_train(
         model, sft_loss, splits["train"], config,
         val_batches=(lambda: valid(0)) if valid is not None else None,
         on_save=on_save, log=log,
+        metrics=metrics if metrics is not None else MetricsLog(adapter_path / METRICS_FILE),
     )
     out = SFTResult(result, adapter_path, stats)
     if "test" in splits:
         out.test_loss, n = evaluate(model, sft_loss, splits["test"](0), world=world())
         log(f"test loss {out.test_loss:.4f}, perplexity {out.test_ppl:.3f} ({n:,} target tokens)")
-    log(f"adapters written to {adapter_path}")
+    log(f"adapters written to {adapter_path.resolve()}")
     return out

@@ -32,7 +32,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from llama2_mlx.errors import Llama2Error
+from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
@@ -50,6 +50,7 @@ from llama2_mlx.training.data_parallel import (
     sum_step,
     sync_parameters,
 )
+from llama2_mlx.training.metrics import MetricsLog
 from llama2_mlx.training.schedule import lr_schedule, make_optimizer
 
 LossFn = Callable[[nn.Module, Any], tuple[mx.array, mx.array]]
@@ -105,24 +106,30 @@ class TrainConfig:
         "help": "Recompute activations in backward (less memory)."})
     seed: int = field(default=0, metadata={
         "help": "Random seed (data order, initialization, dropout)."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    progress: bool = field(default=True, metadata={
+        "help": "Show the progress bar (--no-progress: no bar, and no log lines off a terminal)."})
+    log_every: int = field(default=10, metadata={
+        "help": "Off a terminal (stderr to a log file): a line with the loss every N steps "
+                "(0: none)."})
     description: str = "train"
 
     def __post_init__(self):
         if self.epochs is not None and self.iters is not None:
-            raise Llama2Error("give --epochs or --iters, not both")
+            raise OptionError("give {epochs} or {iters}, not both")
         if self.epochs is None and self.iters is None:
             self.epochs = 1
         if self.iters is not None and self.iters < 1:
-            raise Llama2Error(f"--iters must be at least 1 (got {self.iters})")
+            raise OptionError("{iters} must be at least 1 (got {got})", got=self.iters)
         if self.epochs is not None and self.epochs <= 0:
-            raise Llama2Error(f"--epochs must be positive (got {self.epochs})")
+            raise OptionError("{epochs} must be positive (got {got})", got=self.epochs)
         if self.grad_accum < 1:
-            raise Llama2Error(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+            raise OptionError("{grad_accum} must be at least 1 (got {got})", got=self.grad_accum)
         if self.clip < 0:
-            raise Llama2Error(f"--clip must be >= 0 (got {self.clip})")
+            raise OptionError("{clip} must be >= 0 (got {got})", got=self.clip)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise Llama2Error(f"--warmup-ratio must be in [0, 1) (got {self.warmup_ratio})")
+            raise OptionError("{warmup_ratio} must be in [0, 1) (got {got})", got=self.warmup_ratio)
+        if self.log_every < 0:
+            raise OptionError("{log_every} must be >= 0 (got {got})", got=self.log_every)
 
     def micro_batches(self, per_epoch: int) -> int:
         """Micro-batches of the run, given ``per_epoch`` batches an epoch."""
@@ -202,7 +209,7 @@ def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict)
 
     def pick(path, value):
         if path not in flat:
-            raise Llama2Error(f"--resume: optimizer state has no entry {path}")
+            raise OptionError("{resume}: optimizer state has no entry {path}", path=path)
         return flat[path]
 
     optimizer.state = tree_map_with_path(pick, optimizer.state)
@@ -218,6 +225,7 @@ def train(
     on_save: Optional[Callable[[nn.Module, int], None]] = None,
     on_step: Optional[Callable[[int, dict], None]] = None,
     log: Optional[Callable[[str], None]] = None,
+    metrics: Optional[MetricsLog] = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on ``loss_fn`` over ``train_batches(epoch)``.
 
@@ -225,10 +233,12 @@ def train(
     the run's artefacts (called at each checkpoint and at the end);
     ``on_step(step, metrics)`` may raise ``StopTraining``. A non-finite loss or
     gradient norm raises ``Llama2Error`` before the update, leaving the last
-    good checkpoint and artefacts untouched.
+    good checkpoint and artefacts untouched. ``metrics`` gets a "train" record each
+    step and a "val" record each validation (a resumed run first drops the records
+    past its checkpoint's step, ``MetricsLog.restart``).
     """
     run = _Run(model, loss_fn, train_batches, config, val_batches=val_batches,
-               on_save=on_save, on_step=on_step, say=log or (lambda s: None))
+               on_save=on_save, on_step=on_step, say=log or (lambda s: None), metrics=metrics)
     return run.loop()
 
 
@@ -237,11 +247,12 @@ class _Run:
     schedule, resume), ``loop`` the training loop, which the other methods serve."""
 
     def __init__(self, model, loss_fn, train_batches, config: TrainConfig, *,
-                 val_batches, on_save, on_step, say):
+                 val_batches, on_save, on_step, say, metrics: Optional[MetricsLog] = None):
         self.model, self.loss_fn, self.config = model, loss_fn, config
         self.world = world()  # one process unless started by mlx.launch
         say = self.world.main_only(say)
         self.val_batches, self.on_save, self.on_step, self.say = val_batches, on_save, on_step, say
+        self.metrics = metrics if self.world.is_main else None  # rank 0 alone writes files
         self.ckpt_dir = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         # The model first: a run it refuses must not remove an earlier run's checkpoints.
         self._setup_model()
@@ -250,6 +261,8 @@ class _Run:
         self.result = TrainResult(total_steps=self.total_steps)
         self.start = self._setup_resume()
         sync_parameters(self.world, self.model)  # all ranks start from rank 0's parameters
+        if self.metrics is not None:
+            self.metrics.restart(self.start if config.resume else -1)
 
     # ------------------------------------------------------------------ setup
 
@@ -260,7 +273,7 @@ class _Run:
             isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules()
         ):
             # The backward pass recomputes each block and would draw other dropout masks.
-            raise Llama2Error("--grad-checkpoint cannot be combined with dropout > 0")
+            raise OptionError("{grad_checkpoint} cannot be combined with {dropout} > 0")
         set_grad_checkpoint(model, self.config.grad_checkpoint)
         self.loss_and_grad = nn.value_and_grad(model, self.loss_fn)
 
@@ -300,7 +313,7 @@ class _Run:
                     shutil.rmtree(p, ignore_errors=True)
             return 0
         if ckpt_dir is None:
-            raise Llama2Error("--resume needs a checkpoint folder")
+            raise OptionError("{resume} needs a checkpoint folder")
         path, params, opt_state, state = shared_checkpoint(self.world,
                                                            lambda: load_checkpoint(ckpt_dir))
         self._check_checkpoint(path, params, state)
@@ -318,10 +331,9 @@ class _Run:
         """Refuse a checkpoint of other settings or of other trainable parameters."""
         for k, v in self.fingerprint.items():
             if state["fingerprint"].get(k) != v:
-                raise Llama2Error(
-                    f"--resume: {path} was made with {k}={state['fingerprint'].get(k)!r}, "
-                    f"this run has {k}={v!r}"
-                )
+                raise OptionError("{resume}: {path} was made with {key}={old!r}, this run has "
+                                  "{key}={new!r}", path=path, key=k,
+                                  old=state["fingerprint"].get(k), new=v)
         check_state_dict(params, parameter_shapes(self.model, trainable=True), path / PARAMS_FILE,
                          what="this run's trainable parameters (--resume)")
 
@@ -334,17 +346,20 @@ class _Run:
         mx.reset_peak_memory()
         columns = ("loss {loss}", "lr {lr}", "{tps} tok/s", "peak {mem} GB")
         with ProgressBar(config.description, total, columns, completed=self.start,
-                         enabled=config.progress and self.world.is_main) as bar:
+                         enabled=config.progress and self.world.is_main, every=config.log_every) as bar:
             if self.start == 0 and config.val_every > 0 and config.val_at_start:
                 self._validate(0, bar)
             tic = time.perf_counter()
             for step in range(self.start, total):
                 loss, lr, norm, tokens = self._step(step)
                 done, elapsed = step + 1, time.perf_counter() - tic
+                tps, mem = tokens / elapsed if elapsed else 0.0, peak_memory_gb()
                 self._record(done, loss, lr, tokens, elapsed)
-                bar.update(done, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                           tps=f"{tokens / elapsed if elapsed else 0:,.0f}",
-                           mem=f"{peak_memory_gb():.2f}")
+                if self.metrics is not None:
+                    self.metrics.write("train", done, train_loss=loss, lr=lr, grad_norm=norm,
+                                       tokens_per_sec=round(tps, 1), peak_memory_gb=round(mem, 4))
+                bar.update(done, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
+                           mem=f"{mem:.2f}")
                 if config.val_every > 0 and (done % config.val_every == 0 or done == total):
                     self._validate(done, bar)
                 stop = self._stop_requested(done, {"loss": loss, "lr": lr, "grad_norm": norm,
@@ -442,6 +457,8 @@ class _Run:
                            self.world)
         self.result.val_losses.append((step, loss))
         if self.world.is_main:
+            if self.metrics is not None:
+                self.metrics.write("val", step, val_loss=loss)
             bar.log(f"step {step}: val loss {loss:.4f} ({n} targets, {time.perf_counter() - tic:.1f}s)")
 
     def _stop_requested(self, step: int, metrics: dict) -> bool:
