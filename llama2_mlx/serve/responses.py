@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Optional
 
+from llama2_mlx.generation.chat import StreamStrip
 from llama2_mlx.serve.jobs import Delta, Done, Finish, TokenInfo
 from llama2_mlx.serve.protocol import Prepared
 
@@ -43,8 +44,13 @@ def usage(done: Done) -> dict:
 
 
 class _Choice:
-    def __init__(self, index: int):
+    def __init__(self, index: int, chat: bool):
         self.index = index
+        # A chat answer is stripped at both ends, as `llama2 chat` shows it and as Meta's
+        # format strips it when the answer is sent back in the history; one stripper for
+        # the collected text, one for the stream (a request is one or the other).
+        self.collected = StreamStrip() if chat else None
+        self.streamed = StreamStrip() if chat else None
         self.text: list[str] = []
         self.tokens: list[TokenInfo] = []
         self.finish_reason: Optional[str] = None
@@ -60,7 +66,7 @@ class Reply:
         self.chat = prepared.kind == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.choices = [_Choice(i) for i in range(prepared.n)]
+        self.choices = [_Choice(i, self.chat) for i in range(prepared.n)]
         self.done: Optional[Done] = None
 
     # ------------------------------------------------------------------ collecting
@@ -68,7 +74,7 @@ class Reply:
     def add(self, ev) -> None:
         if isinstance(ev, Delta):
             c = self.choices[ev.index]
-            c.text.append(ev.text)
+            c.text.append(c.collected.add(ev.text) if c.collected else ev.text)
             c.tokens += ev.tokens
         elif isinstance(ev, Finish):
             c = self.choices[ev.index]
@@ -152,7 +158,7 @@ class Reply:
             c = self.choices[ev.index]
             lp = self._logprobs(c, ev.tokens) if ev.tokens else None
             if self.chat:
-                choice = {"index": c.index, "delta": {"content": ev.text}}
+                choice = {"index": c.index, "delta": {"content": c.streamed.add(ev.text)}}
             else:
                 choice = {"index": c.index, "text": ev.text}
             choice.update(logprobs=lp, finish_reason=None)
