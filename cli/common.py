@@ -10,6 +10,7 @@ the running command's parameters and its command line.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from contextvars import ContextVar
 from enum import Enum
@@ -82,14 +83,32 @@ class Command(TyperCommand):
                 continue
             typed.setdefault(p.name, args[i - 1].partition("=")[0])
             if not eq and not p.is_flag and not p.count and i < len(args):
-                out.append(args[i])  # the option's value, taken as it is
+                value = args[i]
+                out.append(value)  # the option's value, taken as it is
                 i += 1
+            _refuse_non_finite(p, typed[p.name], value)
         return super().parse_args(ctx, out)
 
 
-def add_command(app: typer.Typer, name: str, fn: Callable) -> None:
-    """Register ``fn`` as command ``name`` of ``app`` (with the aliases of ``Command``)."""
-    app.command(name, cls=Command)(fn)
+def _refuse_non_finite(param, flag: str, value: str) -> None:
+    """No command takes NaN or an infinity for a number (click's FLOAT accepts both): one
+    line naming the option as typed, before anything else is checked or done."""
+    annotation = param.type_descriptor.annotation
+    if not (annotation is float or float in getattr(annotation, "__args__", ())):
+        return
+    try:
+        number = float(value)
+    except ValueError:
+        return  # click says it is no number
+    if not math.isfinite(number):
+        typer.echo(f"error: {flag} must be a finite number (got {number})", err=True)
+        raise typer.Exit(2)
+
+
+def add_command(app: typer.Typer, name: str, fn: Callable, **settings) -> None:
+    """Register ``fn`` as command ``name`` of ``app`` (with the aliases and checks of
+    ``Command``); ``settings`` go to ``app.command``."""
+    app.command(name, cls=Command, **settings)(fn)
 
 
 def flag_of(field: str) -> str:

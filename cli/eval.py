@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import DATA as _D
-from cli.common import DType, cli_errors, dtype_name, eprint, opt
+from cli.common import DType, add_command, cli_errors, dtype_name, eprint, opt
 
 _E = "Evaluation"
 
@@ -61,6 +61,6 @@ def lm_eval(ctx: typer.Context) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_)
-    app.command("lm-eval", context_settings={
-        "allow_extra_args": True, "ignore_unknown_options": True})(lm_eval)
+    add_command(app, "eval", eval_)
+    add_command(app, "lm-eval", lm_eval, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True})

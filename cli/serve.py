@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import DType, cli_errors, dtype_name, eprint
+from cli.common import DType, add_command, cli_errors, dtype_name, eprint
 
 _MODELS, _LIMITS = "Models", "Limits"
 
@@ -56,4 +56,4 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    add_command(app, "serve", serve)

@@ -21,6 +21,13 @@ import mlx.core as mx
 from llama2_mlx.errors import Llama2Error, one_line
 
 
+# The process's umask, read once (reading it means setting it): mkstemp and mkdtemp make
+# private files (0600) and folders (0700); what we write gets the permissions any other
+# tool's files get, 0666 / 0777 less the umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _cannot_write(path: Path, e: OSError) -> Llama2Error:
     s = str(path)
     shown = s if len(s) <= 200 else f"{s[:150]}... ({len(s):,} characters)"
@@ -35,6 +42,7 @@ def atomic_file(path, suffix: str = ".tmp") -> Iterator[str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
     except OSError as e:
         raise _cannot_write(path, e) from None
     os.close(fd)
@@ -56,6 +64,7 @@ def atomic_dir(path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
     except OSError as e:
         raise _cannot_write(path, e) from None
     try:

@@ -12,6 +12,7 @@ else (``mask_prompt: false``, ``fine_tune_type: dora``) are refused with one lin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from llama2_mlx.errors import Llama2Error, OptionError
@@ -76,4 +77,15 @@ def read_config_file(path, option: str = "config") -> dict:
     if not exists(path):
         raise OptionError(f"{{{option}}}: {{path}} not found", path=path)
     values = read_options(path)  # bounded, regular files only, no YAML aliases
+    _check_finite(values, path)
     return from_mlx_lm(values, str(path))
+
+
+def _check_finite(values: dict, path: Path, where: str = "") -> None:
+    """Refuse NaN and infinities (YAML's ``.nan`` / ``.inf``) in a config, naming the key:
+    no option takes one, and a NaN learning rate would train NaN weights."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _check_finite(value, path, f"{where}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise Llama2Error(f"{path}: {where}{key} must be a finite number (got {value})")
