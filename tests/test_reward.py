@@ -294,3 +294,13 @@ def test_reward_cli_bad_data_is_one_line_error(tmp_path, model_dir):
     r = runner.invoke(app, ["reward-score", "--reward-model", str(tmp_path), "--data",
                             str(data / "train.jsonl"), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2 and "train.jsonl line 1: needs a 'response'" in r.stderr
+
+
+def test_a_data_path_too_long_for_the_system_is_one_error_line(tmp_path):
+    """``Path.is_dir`` raises ENAMETOOLONG on a 5000-character name (issue 10): the data
+    readers ask ``io.readers`` instead, and the user gets the reader's one line."""
+    from llama2_mlx.errors import Llama2Error
+    from llama2_mlx.rlhf.reward_data import load_reward_data
+
+    with pytest.raises(Llama2Error):
+        load_reward_data(tmp_path / ("a" * 5000))

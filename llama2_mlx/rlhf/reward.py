@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from llama2_mlx.chat.records import read_records, response_of
 from llama2_mlx.errors import OptionError, OptionText
+from llama2_mlx.io.readers import is_dir
 from llama2_mlx.models.model import Transformer
 from llama2_mlx.rlhf.reward_data import (
     MARGINS,
@@ -243,7 +244,7 @@ def evaluate_file(reward_model, data, *, margin: Optional[str] = None, batch_siz
     config = read_reward_config(reward_model)
     margin = margin or config.get("margin", "small")
     data = Path(data)
-    path = data / "valid.jsonl" if data.is_dir() else data
+    path = data / "valid.jsonl" if is_dir(data) else data
     pairs = load_pairs(path, margin=margin)
     enc = encode_pairs(tokenizer, pairs, rm.max_len)
     return evaluate(rm, enc, batch_size=batch_size)

@@ -20,6 +20,7 @@ import numpy as np
 
 from llama2_mlx.chat.records import answer_of, prompt_of, read_records
 from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.io.readers import is_dir, is_regular
 from llama2_mlx.training.data import EpochBatches, epoch_rng
 
 # Table 27: margin m(r) by preference rating.
@@ -104,12 +105,12 @@ def load_reward_data(
     pairs is held out (at least one), which ``log`` is told.
     """
     data = Path(data)
-    if data.is_dir():
+    if is_dir(data):  # never raises, not even on a name too long for the system
         train_path, valid_path = data / "train.jsonl", data / "valid.jsonl"
-        if not train_path.is_file():
+        if not is_regular(train_path):
             raise Llama2Error(f"{data}: no train.jsonl")
         train = load_pairs(train_path, margin=margin)
-        if valid_path.is_file():
+        if is_regular(valid_path):
             return train, load_pairs(valid_path, margin=margin)
     else:
         train = load_pairs(data, margin=margin)
@@ -118,7 +119,7 @@ def load_reward_data(
     order = np.random.RandomState(seed).permutation(len(train))
     n_valid = max(1, int(round(valid_fraction * len(train))))
     if log is not None:
-        where = f"no valid.jsonl in {data.resolve()}" if data.is_dir() else "one file"
+        where = f"no valid.jsonl in {data.resolve()}" if is_dir(data) else "one file"
         log(f"{where}: {n_valid} of its {len(train)} pairs are held out for validation")
     held = set(order[:n_valid].tolist())
     return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
