@@ -90,11 +90,16 @@ class Command(TyperCommand):
         return super().parse_args(ctx, out)
 
 
+def takes_float(param) -> bool:
+    """Whether a command's parameter takes a float (``float`` or ``Optional[float]``)."""
+    annotation = param.type_descriptor.annotation
+    return annotation is float or float in getattr(annotation, "__args__", ())
+
+
 def _refuse_non_finite(param, flag: str, value: str) -> None:
     """No command takes NaN or an infinity for a number (click's FLOAT accepts both): one
     line naming the option as typed, before anything else is checked or done."""
-    annotation = param.type_descriptor.annotation
-    if not (annotation is float or float in getattr(annotation, "__args__", ())):
+    if not takes_float(param):
         return
     try:
         number = float(value)

@@ -17,14 +17,10 @@ import typer
 from typer.testing import CliRunner
 
 from cli.app import app
+from cli.common import takes_float
 from llama2_mlx.io.atomic import atomic_dir, write_json_atomic
 
 COMMAND = typer.main.get_command(app)
-
-
-def _is_float(p) -> bool:
-    annotation = p.type_descriptor.annotation
-    return annotation is float or float in getattr(annotation, "__args__", ())
 
 
 def _float_options():
@@ -32,7 +28,7 @@ def _float_options():
         subs = sorted(cmd.commands.items()) if hasattr(cmd, "commands") else [(None, cmd)]
         for sub, c in subs:
             for p in c.params:
-                if p.opts and p.opts[0].startswith("-") and _is_float(p):
+                if p.opts and p.opts[0].startswith("-") and takes_float(p):
                     longs = [o for o in p.opts if o.startswith("--")]
                     yield [name] + ([sub] if sub else []), longs[0]
 

@@ -105,7 +105,8 @@ def load_reward_data(
     pairs is held out (at least one), which ``log`` is told.
     """
     data = Path(data)
-    if is_dir(data):  # never raises, not even on a name too long for the system
+    folder = is_dir(data)  # never raises, not even on a name too long for the system
+    if folder:
         train_path, valid_path = data / "train.jsonl", data / "valid.jsonl"
         if not is_regular(train_path):
             raise Llama2Error(f"{data}: no train.jsonl")
@@ -119,7 +120,7 @@ def load_reward_data(
     order = np.random.RandomState(seed).permutation(len(train))
     n_valid = max(1, int(round(valid_fraction * len(train))))
     if log is not None:
-        where = f"no valid.jsonl in {data.resolve()}" if is_dir(data) else "one file"
+        where = f"no valid.jsonl in {data.resolve()}" if folder else "one file"
         log(f"{where}: {n_valid} of its {len(train)} pairs are held out for validation")
     held = set(order[:n_valid].tolist())
     return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
