@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperCommand
 
-from llama2_mlx.errors import Llama2Error, OptionError, OptionText
+from llama2_mlx.errors import SEED_RANGE, Llama2Error, OptionError, OptionText, check_number
 
 DATA, LORA, TRAINING, SAMPLING = "Data", "LoRA", "Training", "Sampling"
 
@@ -87,6 +87,7 @@ class Command(TyperCommand):
                 out.append(value)  # the option's value, taken as it is
                 i += 1
             _refuse_non_finite(p, typed[p.name], value)
+            _refuse_out_of_range(p, typed[p.name], value)
         return super().parse_args(ctx, out)
 
 
@@ -107,6 +108,36 @@ def _refuse_non_finite(param, flag: str, value: str) -> None:
         return  # click says it is no number
     if not math.isfinite(number):
         typer.echo(f"error: {flag} must be a finite number (got {number})", err=True)
+        raise typer.Exit(2)
+
+
+# The range of every command's option of this name (parameter), refused at parsing with
+# one line naming the option as typed. Options that are dataclass fields also carry their
+# range in the field's metadata (checked by the library: errors.check_fields), and some
+# options are checked where they are used (--max-tokens, --port): this table is for the
+# others, and names each range once for every command.
+OPTION_RANGES: dict[str, dict] = {
+    "seed": SEED_RANGE, "batch_size": {"min": 1}, "k": {"min": 1}, "n": {"min": 1},
+    "n_eval": {"min": 0}, "n_valid": {"min": 0}, "show": {"min": 0}, "iterations": {"min": 1},
+    "resamples": {"min": 1}, "level": {"above": 0, "below": 1}, "replay": {"min": 0, "max": 1},
+    "max_seq_length": {"min": 2}, "prompt_cache_bytes": {"min": 0},
+}
+
+
+def _refuse_out_of_range(param, flag: str, value: str) -> None:
+    """An option of ``OPTION_RANGES`` outside its range: one line, exit status 2."""
+    bounds = OPTION_RANGES.get(param.name)
+    if bounds is None or param.is_flag:
+        return
+    floating = takes_float(param)
+    try:
+        number = float(value) if floating else int(value)
+    except ValueError:
+        return  # click says it is no number
+    try:
+        check_number(param.name, number, integer=not floating, **bounds)
+    except OptionError as e:
+        typer.echo(f"error: {e.render(lambda field: flag)}", err=True)
         raise typer.Exit(2)
 
 

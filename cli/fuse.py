@@ -26,12 +26,13 @@ def fuse(
     dequantize: Annotated[bool, typer.Option("--dequantize", help="Write a quantized base unquantized.")] = False,
     requantize: Annotated[bool, typer.Option("--requantize", help="Re-quantize fused layers of a quantized base at its bits (smaller, but most of a small update is lost).")] = False,
     dtype: Annotated[Optional[DType], typer.Option(help="Cast the float weights (gguf: float16 unless float32).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model already in --out (once the new one is written whole).")] = False,
 ) -> None:
     """Merge W + scale * (lora_a @ lora_b)^T into the base weights and write the model."""
     from llama2_mlx.checkpoints.fuse import fuse as run
 
     path = run(model, adapter_path, out, fmt=format.value, dequantize=dequantize,
-               requantize=requantize, dtype=dtype_name(dtype))
+               requantize=requantize, dtype=dtype_name(dtype), overwrite=overwrite, say=eprint)
     eprint(f"fused model written to {Path(path).resolve()}")
 
 

@@ -23,6 +23,7 @@ from cli.options import (
     LOG_EVERY,
     MAX_SEQ_LENGTH,
     NUM_LAYERS,
+    OVERWRITE,
     PROGRESS,
     RANK,
     RESUME,
@@ -100,7 +101,7 @@ def reward_train(
     max_seq_len: Optional[int] = field_option(_REWARD, "max_seq_len", "--max-seq-length", panel=_D),
     eval_every: Optional[int] = field_option(_REWARD, "eval_every", "--val-every", panel=_T),
     save_every: Optional[int] = SAVE_EVERY, resume: Optional[bool] = RESUME,
-    grad_checkpoint: Optional[bool] = GRAD_CHECKPOINT,
+    overwrite: Optional[bool] = OVERWRITE, grad_checkpoint: Optional[bool] = GRAD_CHECKPOINT,
     seed: Optional[int] = SEED, dtype: DTypeOpt = None,
     progress: Optional[bool] = PROGRESS, log_every: Optional[int] = LOG_EVERY,
 ) -> None:
@@ -114,7 +115,7 @@ def reward_train(
         eval_every=eval_every, max_seq_len=max_seq_len))
     config.train = paper_train_config(
         config.fine_tune_type, lr=lr, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
-        epochs=epochs, iters=iters, save_every=save_every, resume=resume,
+        epochs=epochs, iters=iters, save_every=save_every, resume=resume, overwrite=overwrite,
         grad_checkpoint=grad_checkpoint, seed=seed, progress=progress, log_every=log_every)
     result = train_reward_model(model, data, out, config, dtype=dtype_name(dtype), log=eprint)
     typer.echo(f"held-out {result.final.summary()}")
@@ -193,6 +194,7 @@ def rs_loop(
     rank: Optional[int] = RANK, seed: Optional[int] = SEED, dtype: DTypeOpt = None,
     progress: Optional[bool] = PROGRESS, log_every: Optional[int] = LOG_EVERY,
     resume: Annotated[bool, opt("Continue the run in --out after its last finished iteration.", _T, "--resume")] = False,
+    overwrite: Annotated[bool, opt("Replace an earlier run in --out (kept until this run's first fine-tuned iteration).", _T, "--overwrite")] = False,
 ) -> None:
     """Rejection sampling loop: each iteration fine-tunes on the pooled winners of all iterations."""
     from llama2_mlx.rlhf.rs_loop import FINETUNE_DEFAULTS, rs_loop_files
@@ -210,7 +212,8 @@ def rs_loop(
     rs.check()
     for s in rs_loop_files(model, reward_model, prompts, out, RSLoopConfig(iterations, rs, sft),
                            adapter_path=adapter_path, eval_prompts_file=eval_prompts,
-                           dtype=dtype_name(dtype), resume=resume, log=eprint):
+                           dtype=dtype_name(dtype), resume=resume, overwrite=overwrite,
+                           log=eprint):
         typer.echo(s.line())
 
 

@@ -11,6 +11,7 @@ each one as the user typed it (``--max-tokens``); ``str()`` names the fields.
 
 from __future__ import annotations
 
+import re
 from string import Formatter
 from typing import Callable, Optional
 
@@ -23,10 +24,20 @@ class Llama2Error(Exception):
     printable line."""
 
     def __str__(self) -> str:
-        s = super().__str__()
-        if s.isprintable():
-            return s
-        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+        return printable_line(super().__str__())
+
+
+def printable_line(s: str) -> str:
+    """``s`` as one printable line: control characters and lone surrogates escaped, and a
+    word too long for a line (a 5000-character path) cut to its start, its end and its
+    length."""
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+    if len(s) > 300:
+        # Its start and its end: a path's file name stays readable.
+        s = re.sub(r"\S{301,}", lambda m: f"{m.group()[:100]}...{m.group()[-60:]} "
+                   f"({len(m.group()):,} characters)", s)
+    return s
 
 
 def one_line(text: object, limit: int = 160) -> str:
@@ -72,4 +83,59 @@ class OptionError(Llama2Error):
         super().__init__(str(self.text))
 
     def render(self, name: Callable[[str], str]) -> str:
-        return self.text.render(name)
+        return printable_line(self.text.render(name))
+
+
+# --------------------------------------------------------------------------- ranges
+
+# Seeds are 32-bit: numpy's RandomState takes no other (the data order, the bootstrap).
+SEED_RANGE = {"min": 0, "max": 2**32 - 1}
+
+
+def check_number(name: str, value, *, min=None, max=None, above=None, below=None,
+                 integer: bool = False) -> None:
+    """Raise ``OptionError`` naming option ``name`` unless ``value`` is a finite number
+    (an integer with ``integer``) within the bounds: ``min``/``max`` inclusive,
+    ``above``/``below`` exclusive."""
+    import math
+
+    placeholder = "{" + name + "}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise OptionError(placeholder + " must be " + kind + " (got {got!r})", got=value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(placeholder + " must be a finite number (got {got})", got=value)
+    lower = (min, "[", value >= min) if min is not None else (
+        (above, "(", value > above) if above is not None else None)
+    upper = (max, "]", value <= max) if max is not None else (
+        (below, ")", value < below) if below is not None else None)
+    if lower is not None and upper is not None:
+        if not (lower[2] and upper[2]):
+            raise OptionError(placeholder + " must be in {interval} (got {got})", got=value,
+                              interval=f"{lower[1]}{lower[0]}, {upper[0]}{upper[1]}")
+        return
+    for bound, ok, words in ((min, lambda b: value >= b, "at least"),
+                             (max, lambda b: value <= b, "at most"),
+                             (above, lambda b: value > b, "above"),
+                             (below, lambda b: value < b, "below")):
+        if bound is not None and not ok(bound):
+            raise OptionError(placeholder + " must be " + words + " {bound} (got {got})",
+                              bound=bound, got=value)
+
+
+RANGE_KEYS = ("min", "max", "above", "below")
+
+
+def check_fields(obj) -> None:
+    """Check every field of dataclass ``obj`` whose metadata gives a range (``min``,
+    ``max``, ``above``, ``below``: see ``check_number``); None values are unset options.
+    The range is written once, beside the field's default and help."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+        value = getattr(obj, f.name)
+        if bounds and value is not None:
+            kind = str(f.type)  # "int", "Optional[float]" (annotations are strings here)
+            check_number(f.name, value, integer="int" in kind and "float" not in kind, **bounds)

@@ -131,6 +131,14 @@ def run_cli(*args: str, cwd, timeout: float = TIMEOUT_S, address_space: int = AD
                   got["maxrss_kb"] / 1024 if got else float("nan"), seconds, timed_out)
     for f in (out_path, err_path, report):
         f.unlink(missing_ok=True)
+    if os.environ.get("HOSTILE_REPORT"):  # a line per run, for the tables of a note
+        with open(os.environ["HOSTILE_REPORT"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                                "args": [a[:80] for a in args], "rc": returncode,
+                                "rss_mb": round(ended.max_rss_mb, 1),
+                                "seconds": round(seconds, 2), "timed_out": timed_out,
+                                "traceback": "Traceback" in ended.stderr,
+                                "error_lines": len(ended.error_lines)}) + "\n")
     return ended
 
 

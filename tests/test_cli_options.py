@@ -33,9 +33,9 @@ COMMANDS = {
     "lora-train": ((SFTOptions.resolve(),), set(), set(OPTION_PARTS)),
     # The paper's learning rate depends on --fine-tune-type (paper_train_config).
     "reward-train": ((RewardTrainConfig(),), {"lr"}, {"max_seq_len", "eval_every", "progress"}),
-    # The policy's adapters (not the fine-tunes' output) and the loop's own --resume; its
-    # one seed is the fine-tunes' (sampling uses it too).
-    "rs-loop": ((RSLoopConfig().sft, RSConfig()), {"adapter_path", "resume"},
+    # The policy's adapters (not the fine-tunes' output) and the loop's own --resume and
+    # --overwrite; its one seed is the fine-tunes' (sampling uses it too).
+    "rs-loop": ((RSLoopConfig().sft, RSConfig()), {"adapter_path", "resume", "overwrite"},
                 {"k", "temp", "top_p", "top_k", "max_tokens", "lr", "progress"}),
     "rejection-sample": ((RSConfig(),), set(), {"k", "temp", "top_p", "top_k", "max_tokens",
                                                 "seed"}),
@@ -114,7 +114,7 @@ def test_config_file_keys_map_onto_the_composed_options(tmp_path):
     assert set(OPTION_PARTS) == {
         "model", "dtype", "adapter_path", "rank", "scale", "dropout", "keys", "num_layers",
         "lr", "warmup", "min_lr_ratio", "weight_decay", "clip", "grad_accum", "epochs", "iters",
-        "val_every", "val_batches", "save_every", "resume", "grad_checkpoint", "seed", "progress",
+        "val_every", "val_batches", "save_every", "resume", "overwrite", "grad_checkpoint", "seed", "progress",
         "log_every", "data", "train", "valid", "test", "batch_size", "max_seq_length", "pack", "long_samples",
     }
     cfg.write_text("schedule: linear\n")  # a TrainConfig field, not an option

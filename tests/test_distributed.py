@@ -288,9 +288,11 @@ def test_rs_loop_on_two_ranks_equals_one_process(tmp_path, model_dir, reward_dir
 # --------------------------------------------------------------------------- failures
 
 
-def _wait_for(path_glob, folder: Path, timeout: float, ranks) -> None:
+def _wait_for(path_glob, folder: Path, timeout: float, ranks, least: str = "") -> None:
+    """Until ``folder`` holds a path matching ``path_glob`` whose name sorts at or after
+    ``least`` (checkpoint folders come and go: only the newest ``keep`` stay)."""
     deadline = time.monotonic() + timeout
-    while not list(folder.glob(path_glob)):
+    while not [p for p in folder.glob(path_glob) if p.name >= least]:
         if time.monotonic() > deadline or any(p.poll() is not None for p in ranks.procs):
             for p in ranks.procs:  # show where each rank is (faulthandler)
                 if p.poll() is None:
@@ -311,7 +313,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_one_line(tmp_path, model_dir, 
     args[args.index("--val-every") + 1] = "0"
     limit = 30 if how == "kill" else 8  # the hang waits for it; the setup must not
     with spawn(args, dirs, env=environment(timeout=limit)) as ranks:
-        _wait_for("checkpoints/step_0000002", dirs[0] / "ad", 120, ranks)
+        _wait_for("checkpoints/step_*", dirs[0] / "ad", 120, ranks, least="step_0000002")
         tic = time.monotonic()
         os.kill(ranks.procs[1].pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         try:

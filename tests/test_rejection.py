@@ -328,7 +328,7 @@ def test_rs_loop_resume_gives_the_uninterrupted_run_and_refuses_other_settings(t
     assert loop(stopped, 1).exit_code == 0
     # Without --resume an earlier run is never overwritten.
     r = loop(stopped, 2)
-    assert r.exit_code == 2 and "pass --resume" in r.stderr and len(summary(stopped)) == 2
+    assert r.exit_code == 2 and "--resume continues it" in r.stderr and len(summary(stopped)) == 2
     # Other settings are refused, naming the one that changed.
     r = loop(stopped, 2, "--resume", "--temp", "0.5")
     assert r.exit_code == 2 and "generation.temp was 1.0, now 0.5" in r.stderr
@@ -359,3 +359,15 @@ def test_rs_loop_resume_gives_the_uninterrupted_run_and_refuses_other_settings(t
                             str(task.rm_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                             "--out", str(tmp_path / "nothing"), "--resume"])
     assert r.exit_code == 2 and "holds no rs-loop run" in r.stderr
+    # A summary.jsonl with a record of the wrong shape: one line naming file and line.
+    lines = (stopped / "summary.jsonl").read_text().splitlines()
+    (stopped / "summary.jsonl").write_text("\n".join(
+        [lines[0], lines[1].replace('"pool_size"', '"pool_sise"'), *lines[2:]]) + "\n")
+    r = loop(stopped, 3, "--resume")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: {stopped / 'summary.jsonl'} line 2: the record has an unknown key 'pool_sise'"]
+    # --overwrite replaces the run (kept until its first fine-tuned iteration).
+    r = loop(stopped, 1, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert [s["iteration"] for s in summary(stopped)] == [0, 1]
+    assert not (stopped / "iter_02").exists() and not (stopped / ".previous-run").exists()

@@ -251,9 +251,16 @@ def test_cli_lora_train_config_resume_and_errors(tmp_path, model_dir, tok):
     r = runner.invoke(app, common + ["--iters", "5", "--no-pack", "--keys", "attn", "--resume"])
     assert r.exit_code == 2 and "total_steps=4, this run has total_steps=5" in r.output
     (data / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
-    r = runner.invoke(app, common + ["--iters", "1"])
-    assert r.exit_code == 2
-    assert "train.jsonl line 2: invalid JSON" in r.output and len(r.output.strip().splitlines()) == 1
+    files = lambda: {p.relative_to(ad): p.read_bytes() for p in ad.rglob("*")  # noqa: E731
+                     if p.is_file() and p.name != ".llama2.lock"}
+    before = files()
+    r = runner.invoke(app, common + ["--iters", "1"])  # a finished run there: refused
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "holds an earlier run's results" in r.output and "--overwrite replaces it" in r.output
+    r = runner.invoke(app, common + ["--iters", "1", "--overwrite"])
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "train.jsonl line 2: invalid JSON" in errors[0]
+    assert files() == before and not (ad / ".previous-run").exists()  # the earlier run, whole
     r = runner.invoke(app, ["lora-train", "--model", str(model_dir), "--data", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "--data:" in r.output and "is not a folder" in r.output
 

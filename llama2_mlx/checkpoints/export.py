@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 from llama2_mlx.chat.tokenizer import CHAT_TEMPLATE
 from llama2_mlx.checkpoints.load import load_folder
 from llama2_mlx.errors import Llama2Error, OptionError, one_line
-from llama2_mlx.io.atomic import atomic_dir
+from llama2_mlx.io.atomic import atomic_dir, save_weights
 from llama2_mlx.io.hub import PathLike, resolve
 from llama2_mlx.io.readers import exists, is_dir, is_regular
 from llama2_mlx.models.model import Transformer
@@ -113,7 +113,6 @@ def save_model(
     quantization = quantization or found
 
     with atomic_dir(out) as tmp:
-        os.chmod(tmp, 0o755)
         weights = dict(tree_flatten(model.parameters()))
         config = model.args.to_hf_config()
         config["torch_dtype"] = _dtype_name(weights)
@@ -125,12 +124,12 @@ def save_model(
         shards = _shards(weights, MAX_SHARD_BYTES)
         meta = {"format": "mlx"}
         if len(shards) == 1:
-            mx.save_safetensors(str(tmp / "model.safetensors"), shards[0], metadata=meta)
+            save_weights(tmp / "model.safetensors", shards[0], metadata=meta)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                mx.save_safetensors(str(tmp / name), shard, metadata=meta)
+                save_weights(tmp / name, shard, metadata=meta)
                 weight_map.update({k: name for k in shard})
             index = {
                 "metadata": {"total_size": sum(v.nbytes for v in weights.values())},

@@ -9,8 +9,9 @@ SentencePiece vocabulary).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_map
@@ -20,6 +21,8 @@ from llama2_mlx.checkpoints.load import load
 from llama2_mlx.errors import OptionError
 from llama2_mlx.formats.gguf import read_gguf, write_gguf
 from llama2_mlx.formats.weights import DTYPES, cast
+from llama2_mlx.io.outdir import claim_output
+from llama2_mlx.io.readers import exists
 from llama2_mlx.models.lora import fuse_lora, lora_layers
 from llama2_mlx.models.model import ModelArgs, Transformer
 
@@ -43,13 +46,16 @@ def fuse_model(model: nn.Module, *, dequantize: bool = False, requantize: bool =
 
 def fuse(
     model_path, adapter_path, out, *, fmt: str = "mlx", dequantize: bool = False,
-    requantize: bool = False, dtype: Optional[str] = None,
+    requantize: bool = False, dtype: Optional[str] = None, overwrite: bool = False,
+    say: Callable[[str], None] = lambda s: None,
 ) -> Path:
     """Load ``model_path`` with the adapters of ``adapter_path``, fuse them and write the
     result to folder ``out`` in format ``fmt`` (mlx, hf or gguf). Returns the written path.
 
     hf and gguf are always dequantized; ``dtype`` (float32, float16, bfloat16) casts the
-    float weights (gguf: float16 unless float32).
+    float weights (gguf: float16 unless float32). ``out`` is claimed first (locked,
+    writable); a model already there is replaced only with ``overwrite``, and only once the
+    new one is written whole.
     """
     if fmt not in FORMATS:
         raise OptionError("{format} must be one of {choices} (got {fmt!r})",
@@ -59,9 +65,23 @@ def fuse(
                           choices=', '.join(DTYPES), got=dtype)
     if fmt == "gguf" and dtype == "bfloat16":
         raise OptionError("{dtype} bfloat16 is not written to gguf; use float16 or float32")
+    out = Path(out)
+    if exists(model_path) and exists(out) and os.path.samefile(model_path, out):
+        raise OptionError("{out} {path} is the base model's folder: choose another one",
+                          path=str(out))
+    with claim_output(out, field="out", artefacts=FUSED_ARTEFACTS, overwrite=overwrite,
+                      say=say, whole=True):
+        return _fuse(model_path, adapter_path, out, fmt, dequantize, requantize, dtype)
+
+
+# What a model folder holds (a model there is replaced only with --overwrite).
+FUSED_ARTEFACTS = ("config.json", "*.safetensors", "*.gguf", "model.safetensors.index.json",
+                   "tokenizer.model", "params.json", "*.pth")
+
+
+def _fuse(model_path, adapter_path, out: Path, fmt, dequantize, requantize, dtype) -> Path:
     model, tokenizer = load(model_path, adapter_path=adapter_path)
     fuse_model(model, dequantize=dequantize or fmt != "mlx", requantize=requantize)
-    out = Path(out)
     if fmt == "gguf":
         name = "f32" if dtype == "float32" else "f16"
         return write_gguf(model, out / f"model-{name}.gguf", tokenizer.model_path, name)

@@ -93,7 +93,12 @@ def write_gguf(model, path, tokenizer_path, dtype: str = "f16") -> Path:
                 raise Llama2Error(f"gguf: tensor {t.internal} is quantized; fuse with --dequantize")
             arr = to_meta_rows(np.array(a.astype(mx.float32)), t.spec, args)  # llama.cpp: Meta's pairs
             # llama.cpp keeps 1-D tensors (the norms) in f32.
-            w.add_tensor(t.gguf, arr if arr.ndim == 1 else arr.astype(np_dtype))
+            arr = arr if arr.ndim == 1 else arr.astype(np_dtype)
+            if not np.isfinite(arr).all():  # a float16 overflow, or a diverged adapter
+                raise Llama2Error(f"{path}: not written: {t.internal} holds NaN or infinite "
+                                  "values" + (" in float16 (--dtype float32 keeps them)"
+                                              if dtype == "f16" else ""))
+            w.add_tensor(t.gguf, arr)
         if params:
             raise Llama2Error(f"gguf: no llama.cpp name for tensor {next(iter(params))}")
         w.write_header_to_file()

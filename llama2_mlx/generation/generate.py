@@ -17,7 +17,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import mlx.core as mx
 
 from llama2_mlx.chat.records import cut_answer
-from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.errors import SEED_RANGE, Llama2Error, OptionError, check_fields
 from llama2_mlx.generation.sample import (
     LogitsProcessor,
     Sampler,
@@ -55,7 +55,7 @@ class GenerationConfig:
         "help": "Repetition penalty, e.g. 1.1 (default: off)."})
     repetition_context_size: Optional[int] = 20
     seed: Optional[int] = field(default=None, metadata={
-        "help": "Random seed for reproducible sampling."})
+        "help": "Random seed for reproducible sampling.", **SEED_RANGE})
     stop: list[str] = field(default_factory=list, metadata={
         "help": "Stop at this string (repeatable)."})
     prefill_step: int = 512
@@ -72,6 +72,7 @@ class GenerationConfig:
 
     def check(self) -> None:
         """Raise ``OptionError`` (a ``Llama2Error``) for an invalid option."""
+        check_fields(self)
         if self.max_tokens < 1:
             raise OptionError("{max_tokens} must be >= 1, got {got}", got=self.max_tokens)
         if self.prefill_step < 1:

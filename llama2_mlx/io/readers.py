@@ -74,6 +74,15 @@ def exists(path: PathLike) -> bool:
         return False
 
 
+def file_size(path: PathLike) -> Optional[int]:
+    """The size of regular file ``path`` in bytes; None if it is none (never raises)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def is_dir(path: PathLike) -> bool:
     """``Path.is_dir`` that never raises."""
     try:

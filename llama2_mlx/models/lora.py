@@ -10,6 +10,7 @@ equal to the base. Adapter folders are interchangeable with mlx-lm's:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.errors import Llama2Error, OptionError, check_fields
 from llama2_mlx.formats.weights import check_dtypes, check_state_dict, parameter_shapes
-from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
+from llama2_mlx.io.atomic import atomic_files, save_weights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -54,20 +55,18 @@ class LoRAConfig:
 
     A field's ``help`` is its ``lora-train`` option's help text."""
 
-    rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    scale: float = field(default=20.0, metadata={"help": "LoRA scale."})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank.", "min": 1})
+    scale: float = field(default=20.0, metadata={"help": "LoRA scale.", "min": -1e6, "max": 1e6})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout.", "min": 0, "below": 1})
     keys: tuple[str, ...] = field(default=DEFAULT_KEYS, metadata={
         "help": "Comma-separated projections to adapt: q_proj,v_proj..., attn, mlp or all "
                 "(the default)."})
-    num_layers: int = field(default=-1, metadata={"help": "Adapt the last N layers (-1: all)."})
+    num_layers: int = field(default=-1, metadata={"help": "Adapt the last N layers (-1: all).",
+                                                  "min": -1})
 
     def __post_init__(self):
         self.keys = resolve_keys(self.keys)
-        if self.rank < 1:
-            raise OptionError("{rank} must be at least 1 (got {got})", got=self.rank)
-        if not 0.0 <= self.dropout < 1.0:
-            raise OptionError("{dropout} must be in [0, 1) (got {got})", got=self.dropout)
+        check_fields(self)  # the ranges in the fields' metadata
         if not self.keys:
             raise OptionError("{keys}: no projection to adapt")
 
@@ -205,14 +204,19 @@ def adapter_config_dict(config: LoRAConfig, n_layers: int, **extra) -> dict:
 
 
 def save_adapters(model: nn.Module, adapter_path, config: LoRAConfig, **extra) -> Path:
-    """Write ``adapter_config.json`` and ``adapters.safetensors`` into ``adapter_path``
-    (atomically). ``extra`` fields are stored in the config (mlx-lm ignores them)."""
+    """Write ``adapters.safetensors`` and ``adapter_config.json`` into ``adapter_path``,
+    together or not at all (``atomic_files``: never a config of one step beside the
+    weights of another). ``extra`` fields are stored in the config (mlx-lm ignores them)."""
     out = Path(adapter_path)
     weights = adapter_weights(model)
     if not weights:
         raise Llama2Error("save_adapters: the model has no LoRA layers")
-    write_json_atomic(out / ADAPTER_CONFIG, adapter_config_dict(config, len(model.layers), **extra))
-    save_safetensors_atomic(out / ADAPTER_WEIGHTS, weights)
+    config_dict = adapter_config_dict(config, len(model.layers), **extra)
+    with atomic_files(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG) as (tmp_weights, tmp_config):
+        save_weights(tmp_weights, weights)
+        with open(tmp_config, "w") as f:
+            json.dump(config_dict, f, indent=2)
+            f.write("\n")
     return out
 
 

@@ -23,10 +23,11 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 
 from llama2_mlx.chat.records import cut_answer, read_prompts
-from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.errors import Llama2Error, OptionError, check_fields
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_jsonl_atomic
 from llama2_mlx.io.distributed import World, world
+from llama2_mlx.io.outdir import check_output_file
 from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.models.model import eval_mode
 from llama2_mlx.rlhf.reward_data import encode_response
@@ -44,17 +45,13 @@ class RSConfig:
     ``k`` and the sampling fields of ``generation`` (as set here: temperature 1, seed 0)
     are the sampling options of ``rejection-sample`` and ``rs-loop``."""
 
-    k: int = field(default=4, metadata={"help": "Samples per prompt."})
+    k: int = field(default=4, metadata={"help": "Samples per prompt.", "min": 1})
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(max_tokens=256, temp=1.0, top_p=1.0, seed=0))
-    score_batch_size: int = 16
+    score_batch_size: int = field(default=16, metadata={"min": 1})
 
     def check(self) -> None:
-        if self.k < 1:
-            raise OptionError("{k} must be at least 1 (got {got})", got=self.k)
-        if self.score_batch_size < 1:
-            raise OptionError("{score_batch_size} must be at least 1 (got {got})",
-                              got=self.score_batch_size)
+        check_fields(self)  # the ranges in the fields' metadata
         self.generation.check()
 
 
@@ -265,6 +262,10 @@ def rejection_sample_files(model, reward_model, prompts_file, out, config: Optio
     config = config or RSConfig()
     config.check()
     log = world().main_only(log)
+    if world().is_main:  # the outputs can be written: checked before any sampling
+        check_output_file(out, "out")
+        if all_out is not None:
+            check_output_file(all_out, "all_out")
     prompts = read_prompts(prompts_file)
     base, _, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
     policy, tokenizer = base.policy(adapter_path)

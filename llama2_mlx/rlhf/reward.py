@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import mlx.core as mx
 
 from llama2_mlx.chat.records import read_records, response_of
-from llama2_mlx.errors import OptionError, OptionText
+from llama2_mlx.errors import OptionError, OptionText, check_fields
 from llama2_mlx.io.readers import is_dir
 from llama2_mlx.models.model import Transformer
 from llama2_mlx.rlhf.reward_data import (
@@ -38,6 +38,9 @@ from llama2_mlx.rlhf.reward_data import (
     load_reward_data,
 )
 from llama2_mlx.rlhf.reward_model import (
+    BACKBONE_NAME,
+    CONFIG_NAME,
+    HEAD_NAME,
     RewardMetrics,
     RewardModel,
     evaluate,
@@ -81,14 +84,14 @@ class RewardTrainConfig:
     fine_tune_type: str = field(default="lora", metadata={
         "help": "lora (frozen base) or full (tiny models)."})
     lora: Optional["LoRAConfig"] = None
-    batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch."})
-    eval_batch_size: int = 16
+    batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch.", "min": 1})
+    eval_batch_size: int = field(default=16, metadata={"min": 1})
     warmup: Optional[int] = field(default=None, metadata={
-        "help": "Warmup steps (default: 3% of the steps, at least 5)."})
+        "help": "Warmup steps (default: 3% of the steps, at least 5).", "min": 0})
     eval_every: int = field(default=50, metadata={
-        "help": "Held-out metrics every N steps (0: at the end only)."})
+        "help": "Held-out metrics every N steps (0: at the end only).", "min": 0})
     max_seq_len: int = field(default=2048, metadata={
-        "help": "Keep the last N tokens of longer sequences."})
+        "help": "Keep the last N tokens of longer sequences.", "min": 2})
     margin: str = field(default="small", metadata={
         "help": "Margin by rating (Table 27): small 1, 2/3, 1/3, 0; large 3, 2, 1, 0; none."})
 
@@ -99,6 +102,7 @@ class RewardTrainConfig:
             self.train = paper_train_config(self.fine_tune_type)
         if self.lora is None:
             self.lora = LoRAConfig()
+        check_fields(self)  # the ranges in the fields' metadata
         if self.fine_tune_type not in ("lora", "full"):
             raise OptionError("{fine_tune_type} must be lora or full, not {got!r}",
                               got=self.fine_tune_type)
@@ -154,13 +158,14 @@ def prepare_reward_model(policy: Transformer, config: RewardTrainConfig, *, seed
 def fit_reward_model(
     rm: RewardModel, train_pairs: Sequence[EncodedPair], valid_pairs: Sequence[EncodedPair],
     config: RewardTrainConfig, *, out_dir=None, base_model=None,
-    log: Optional[Callable[[str], None]] = None,
+    log: Optional[Callable[[str], None]] = None, claim=None,
 ) -> RewardTrainResult:
     """Train ``rm`` (see ``prepare_reward_model``) with the shared trainer on encoded pairs;
     held-out metrics are logged every ``config.eval_every`` steps and at the end; with
     ``out_dir`` the reward model folder is written there at each checkpoint and at the end,
     and the metrics to its ``metrics.jsonl`` (held-out loss, accuracy and reward gap as
-    "val" records)."""
+    "val" records). ``claim`` (an ``io.outdir.Claim`` of ``out_dir``) is committed at
+    the first save."""
     from llama2_mlx.io.distributed import world
     from llama2_mlx.io.progress import log_stderr
     from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
@@ -201,6 +206,8 @@ def fit_reward_model(
             extra={"margin": config.margin, "step": step,
                    "total_steps": total, "metrics": last},
         )
+        if claim is not None:
+            claim.commit()
 
     result = train(rm, reward_loss, batches, train_cfg, on_step=on_step, on_save=on_save, log=say,
                    metrics=metrics)
@@ -215,11 +222,29 @@ def train_reward_model(base_model, data, out_dir, config: Optional[RewardTrainCo
     """Load ``base_model``, read ``data`` (a folder with train.jsonl [+ valid.jsonl]), train a
     reward model and save it to ``out_dir`` (see ``fit_reward_model``). Sequences longer
     than the model's context are cut to it (with a note)."""
-    from llama2_mlx.checkpoints.load import load
+    from llama2_mlx.io.distributed import world
+    from llama2_mlx.io.outdir import claim_output
     from llama2_mlx.io.progress import log_stderr
 
     say = log or log_stderr
     config = config or RewardTrainConfig()
+    # The output folder first: locked, writable, an earlier reward model kept.
+    with claim_output(out_dir, field="out", artefacts=REWARD_ARTEFACTS, results=REWARD_RESULTS,
+                      resume=config.train.resume, overwrite=config.train.overwrite,
+                      continues="{resume}", say=world().main_only(say), world=world()) as claim:
+        return _train_reward_model(base_model, data, out_dir, config, dtype, log, say, claim)
+
+
+# What reward-train leaves in its folder, and those of them that are results to keep.
+REWARD_ARTEFACTS = (CONFIG_NAME, HEAD_NAME, BACKBONE_NAME, "adapters.safetensors",
+                    "adapter_config.json", "checkpoints", "metrics.jsonl")
+REWARD_RESULTS = (HEAD_NAME, "checkpoints/step_*")
+
+
+def _train_reward_model(base_model, data, out_dir, config: RewardTrainConfig, dtype, log, say,
+                        claim) -> RewardTrainResult:
+    from llama2_mlx.checkpoints.load import load
+
     train_pairs, valid_pairs = load_reward_data(data, margin=config.margin, seed=config.train.seed,
                                                 log=say)
     policy, tokenizer = load(base_model, dtype=dtype)
@@ -233,7 +258,7 @@ def train_reward_model(base_model, data, out_dir, config: Optional[RewardTrainCo
     enc_train = encode_pairs(tokenizer, train_pairs, config.max_seq_len)
     enc_valid = encode_pairs(tokenizer, valid_pairs, config.max_seq_len)
     return fit_reward_model(rm, enc_train, enc_valid, config, out_dir=out_dir,
-                            base_model=base_model, log=log)
+                            base_model=base_model, log=log, claim=claim)
 
 
 def evaluate_file(reward_model, data, *, margin: Optional[str] = None, batch_size: int = 16,
@@ -256,7 +281,9 @@ def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
     """Score every prompt/response record of ``data`` (see ``response_of``) and write the
     records with their score under ``key`` to ``out``; returns the scores."""
     from llama2_mlx.io.atomic import write_jsonl_atomic
+    from llama2_mlx.io.outdir import check_output_file
 
+    check_output_file(out, "out")  # before any model is loaded
     records = read_records(data)
     items = [response_of(r, where) for where, r in records]
     rm, tokenizer = load_reward_model(reward_model, dtype=dtype)

@@ -205,29 +205,48 @@ def save_reward_model(rm: RewardModel, out_dir, *, base_model, fine_tune_type: s
     """Write the reward model folder: the head (``head.safetensors``), the backbone update
     (LoRA: ``adapters.safetensors`` + ``adapter_config.json`` in mlx-lm's format; full:
     ``backbone.safetensors``) and ``reward_config.json`` (base model, type, ``extra``),
-    each file atomically, the config last."""
+    all together or none (``atomic_files``), each checked finite."""
+    import json
+
     from mlx.utils import tree_flatten
 
-    from llama2_mlx.io.atomic import save_safetensors_atomic, write_json_atomic
+    from llama2_mlx.io.atomic import atomic_files, save_weights
+    from llama2_mlx.models.lora import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        adapter_config_dict,
+        adapter_weights,
+    )
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    weights: dict[str, dict] = {}
+    jsons: dict[str, dict] = {}
     if fine_tune_type == "lora":
-        from llama2_mlx.models.lora import save_adapters
-
         if lora_config is None:
             raise ValueError("a LoRA reward model needs its LoRAConfig")
-        save_adapters(rm, out, lora_config)
+        weights[ADAPTER_WEIGHTS] = adapter_weights(rm)
+        if not weights[ADAPTER_WEIGHTS]:
+            raise Llama2Error("save_reward_model: the model has no LoRA layers")
+        jsons[ADAPTER_CONFIG] = adapter_config_dict(lora_config, len(rm.layers))
     elif fine_tune_type == "full":
-        backbone = {k: v for k, v in tree_flatten(rm.parameters()) if k.startswith("model.")}
-        save_safetensors_atomic(out / BACKBONE_NAME, backbone)
+        weights[BACKBONE_NAME] = {k: v for k, v in tree_flatten(rm.parameters())
+                                  if k.startswith("model.")}
     else:
         raise Llama2Error(f"fine_tune_type must be lora or full, not {fine_tune_type!r}")
-    save_safetensors_atomic(out / HEAD_NAME, {"score.weight": rm.score.weight})
-    config = {"model_type": "llama2_reward_model", "base_model": reference(base_model),
-              "fine_tune_type": fine_tune_type, "dim": rm.args.dim, "max_seq_len": rm.max_len,
-              **(extra or {})}
-    write_json_atomic(out / CONFIG_NAME, config)
+    weights[HEAD_NAME] = {"score.weight": rm.score.weight}
+    jsons[CONFIG_NAME] = {  # written last: a reader starts from it
+        "model_type": "llama2_reward_model", "base_model": reference(base_model),
+        "fine_tune_type": fine_tune_type, "dim": rm.args.dim, "max_seq_len": rm.max_len,
+        **(extra or {})}
+    names = list(weights) + list(jsons)
+    with atomic_files(*(out / n for n in names)) as tmps:
+        for name, tmp in zip(names, tmps):
+            if name in weights:
+                save_weights(tmp, weights[name])
+            else:
+                with open(tmp, "w") as f:
+                    json.dump(jsons[name], f, indent=2)
+                    f.write("\n")
     return out
 
 

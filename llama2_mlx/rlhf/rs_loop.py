@@ -27,6 +27,7 @@ from llama2_mlx.chat.records import read_prompts
 from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.distributed import World, world
+from llama2_mlx.io.outdir import Claim, claim_output
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import read_json, read_jsonl
 from llama2_mlx.rlhf.rejection import (
@@ -54,7 +55,8 @@ def finetune(policy, tokenizer, train_file, adapter_path, opts, *,
     from llama2_mlx.training.sft import lora_train
 
     opts = opts.with_options(data=None, train=str(train_file), valid=None, test=None,
-                             adapter_path=str(adapter_path), resume=False)
+                             adapter_path=str(adapter_path), resume=False,
+                             overwrite=True)  # the loop's own folder: a restarted iteration
     return lora_train(opts, policy, tokenizer, log, lora_config=lora_config,
                       description="rs fine-tune", metrics=metrics).train
 
@@ -109,8 +111,8 @@ class IterationSummary:
 SETTINGS_FILE = "rs_loop.json"
 SUMMARY_FILE = "summary.jsonl"
 # SFTOptions fields that rs-loop sets itself or that do not change the results.
-_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "progress",
-                 "log_every")
+_NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "overwrite",
+                 "progress", "log_every")
 
 
 def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
@@ -136,6 +138,24 @@ def _differences(old, new, where=""):
         yield f"{where} was {json.dumps(old)}, now {json.dumps(new)}"
 
 
+def _summary(rec, where: Path, line: int) -> IterationSummary:
+    """A ``summary.jsonl`` record, its keys and their types checked (one line if wrong)."""
+    fields = {f.name: f for f in dataclasses.fields(IterationSummary)}
+    bad = (None if isinstance(rec, dict) else "is not an object") or next(
+        (f"has an unknown key {k!r}" for k in rec if k not in fields), None) or next(
+        (f"has no {k!r}" for k in ("iteration", "mean_greedy_reward") if k not in rec), None)
+    if bad is None:
+        kinds = {"iteration": (int,), "pool_size": (int,), "adapter_path": (str, type(None)),
+                 "mean_best_reward": (int, float, type(None)),
+                 "mean_median_reward": (int, float, type(None))}
+        bad = next((f"{k} = {json.dumps(v)[:40]} has the wrong type" for k, v in rec.items()
+                    if isinstance(v, bool) or not isinstance(v, kinds.get(k, (int, float)))),
+                   None)
+    if bad is not None:
+        raise Llama2Error(f"{where} line {line}: the record {bad}")
+    return IterationSummary(**rec)
+
+
 def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[dict]]:
     """The finished iterations of the run in ``out`` and its pool of winners."""
     f = out / SETTINGS_FILE
@@ -146,7 +166,8 @@ def _resumed(out: Path, settings: dict) -> tuple[list[IterationSummary], list[di
     if diff:
         raise OptionError("{resume}: {f} was written with other settings ({diff}); "
                           "use the same options, or a new {out}", f=f, diff=diff[0])
-    summaries = [IterationSummary(**rec) for _, rec in read_jsonl(out / SUMMARY_FILE)]
+    summaries = [_summary(rec, out / SUMMARY_FILE, line)
+                 for line, rec in read_jsonl(out / SUMMARY_FILE)]
     if [s.iteration for s in summaries] != list(range(len(summaries))):
         raise OptionError("{resume}: {out_SUMMARY_FILE} is not a run of iterations 0, 1, ...",
                           out_SUMMARY_FILE=out / SUMMARY_FILE)
@@ -191,7 +212,8 @@ def rs_loop(
     load_policy: Callable[..., tuple], rm: RewardModel, rm_tokenizer,
     prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
     eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
-    resume: bool = False, log: Callable[[str], None] = log_stderr,
+    resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = log_stderr,
+    claim: Optional[Claim] = None,
 ) -> list[IterationSummary]:
     """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
 
@@ -205,8 +227,15 @@ def rs_loop(
     iteration, iteration 0 being the starting policy, and ``metrics.jsonl`` the
     fine-tunes' metrics (with their ``iteration``) and an "iteration" record each. ``resume`` continues the run in
     ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
-    grow), with the same results as a run that was never stopped.
+    grow), with the same results as a run that was never stopped; ``overwrite`` replaces an
+    earlier run there (kept until this run's first fine-tuned iteration). ``claim``: the
+    folder already claimed by the caller (``claim_rs_folder``).
     """
+    if claim is None:
+        with claim_rs_folder(out_dir, resume, overwrite, log) as claim:
+            return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
+                           eval_prompts=eval_prompts, lora_config=lora_config, resume=resume,
+                           log=log, claim=claim)
     config = config or RSLoopConfig()
     config.rs.check()
     out = Path(out_dir)
@@ -225,7 +254,8 @@ def rs_loop(
     private = None if w.is_main else Path(tempfile.mkdtemp(prefix="llama2-rs-pool-"))
     try:
         return _iterations(load_policy, rm, rm_tokenizer, prompts, out, config, eval_prompts,
-                           lora_config, log, summaries, pool, greedy_tokens, w, private, metrics)
+                           lora_config, log, summaries, pool, greedy_tokens, w, private, metrics,
+                           claim)
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -233,7 +263,8 @@ def rs_loop(
 
 def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoopConfig,
                 eval_prompts, lora_config, log, summaries: list, pool: list, greedy_tokens: int,
-                w: World, private: Optional[Path], metrics) -> list[IterationSummary]:
+                w: World, private: Optional[Path], metrics, claim: Claim
+                ) -> list[IterationSummary]:
     """The iterations of ``rs_loop`` after the finished ones (``summaries``)."""
 
     def record(s: IterationSummary) -> None:
@@ -245,6 +276,8 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
                           mean_best_reward=s.mean_best_reward,
                           mean_median_reward=s.mean_median_reward, pool_size=s.pool_size)
         log(s.line())
+        if s.iteration >= 1:
+            claim.commit()  # a fine-tuned iteration of its own: an earlier run set aside goes
 
     def greedy(p) -> float:
         r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens)
@@ -286,11 +319,31 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
 
 def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
                   *, adapter_path=None, eval_prompts_file=None, dtype=None, resume: bool = False,
-                  log: Callable[[str], None] = log_stderr) -> list[IterationSummary]:
+                  overwrite: bool = False, log: Callable[[str], None] = log_stderr
+                  ) -> list[IterationSummary]:
     """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
     folder and prompt files."""
     config = config or RSLoopConfig()
     config.rs.check()
+    with claim_rs_folder(out_dir, resume, overwrite, log) as claim:
+        return _rs_loop_files(model, reward_model, prompts_file, out_dir, config, adapter_path,
+                              eval_prompts_file, dtype, resume, log, claim)
+
+
+# What an rs-loop run leaves in its folder, and those of them that are results to keep.
+RS_ARTEFACTS = (SUMMARY_FILE, SETTINGS_FILE, METRICS_FILE, "iter_*")
+RS_RESULTS = (SUMMARY_FILE, "iter_*")
+
+
+def claim_rs_folder(out_dir, resume: bool, overwrite: bool, log):
+    """``claim_output`` of an rs-loop run's folder (``--out``)."""
+    return claim_output(out_dir, field="out", artefacts=RS_ARTEFACTS, results=RS_RESULTS,
+                        resume=resume, overwrite=overwrite, continues="{resume}",
+                        say=world().main_only(log), world=world())
+
+
+def _rs_loop_files(model, reward_model, prompts_file, out_dir, config, adapter_path,
+                   eval_prompts_file, dtype, resume, log, claim) -> list[IterationSummary]:
     prompts = read_prompts(prompts_file)
     eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
     base, lora_config, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
@@ -299,4 +352,5 @@ def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[R
         return base.policy(adapters if adapters is not None else adapter_path)
 
     return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
-                   eval_prompts=eval_prompts, lora_config=lora_config, resume=resume, log=log)
+                   eval_prompts=eval_prompts, lora_config=lora_config, resume=resume, log=log,
+                   claim=claim)

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from llama2_mlx.io.atomic import write_jsonl_atomic
+from llama2_mlx.io.atomic import append_line, write_jsonl_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -75,9 +75,7 @@ class MetricsLog:
         if key in self._seen:
             return
         self._seen.add(key)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        append_line(self.path, json.dumps(rec))
 
 
 def _number(value) -> float:

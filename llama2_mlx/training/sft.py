@@ -21,11 +21,14 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from llama2_mlx.errors import Llama2Error, OptionError, OptionText
+from llama2_mlx.errors import Llama2Error, OptionError, OptionText, check_fields
 from llama2_mlx.io.distributed import world
+from llama2_mlx.io.outdir import Claim, claim_output
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import exists, is_dir
 from llama2_mlx.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     LoRAConfig,
     apply_lora,
     lora_layers,
@@ -66,12 +69,16 @@ class DataConfig:
         "help": "Validation JSONL file (default DATA/valid.jsonl)."})
     test: Optional[str] = field(default=None, metadata={
         "help": "Test JSONL file (default DATA/test.jsonl)."})
-    batch_size: int = field(default=4, metadata={"help": "Rows per micro-batch."})
-    max_seq_length: int = field(default=2048, metadata={"help": "Row length in tokens."})
+    batch_size: int = field(default=4, metadata={"help": "Rows per micro-batch.", "min": 1})
+    max_seq_length: int = field(default=2048, metadata={"help": "Row length in tokens.",
+                                                        "min": 2})
     pack: bool = field(default=True, metadata={
         "help": "Pack samples into rows (--no-pack: padded batches)."})
     long_samples: str = field(default="error", metadata={
         "help": "Samples longer than a row: error, truncate or skip."})
+
+    def __post_init__(self):
+        check_fields(self)  # the ranges in the fields' metadata
 
     def file(self, split: str) -> Optional[Path]:
         """The JSONL file of ``split`` (train, valid or test): the one given (found in the
@@ -271,14 +278,31 @@ def lora_train(
     model's context are cut to it (with a note).
     """
     log = world().main_only(log)  # under mlx.launch rank 0 alone logs and writes
-    # The options were checked when they were made, before the (slow) model load.
+    # The options were checked when they were made; the output folder is claimed (locked,
+    # writable, an earlier run kept) before the (slow) model load.
+    if opts.data.file("train") is None:
+        raise OptionError("no training data: give {data} DIR (with train.jsonl) or {train} FILE")
+    with claim_output(opts.adapter_path, field="adapter_path", artefacts=ADAPTER_ARTEFACTS,
+                      results=ADAPTER_RESULTS, resume=opts.train.resume,
+                      overwrite=opts.train.overwrite, continues="{resume}", say=log,
+                      world=world()) as claim:
+        return _lora_train(opts, model, tokenizer, log, lora_config, description, metrics,
+                           claim)
+
+
+# What a lora-train run leaves in its folder, and those of them that are results to keep.
+ADAPTER_ARTEFACTS = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "checkpoints", METRICS_FILE)
+ADAPTER_RESULTS = (ADAPTER_WEIGHTS, "checkpoints/step_*")
+
+
+def _lora_train(opts: SFTOptions, model, tokenizer, log, lora_config, description, metrics,
+                claim: Claim) -> SFTResult:
+    """``lora_train`` in its claimed folder."""
     adapter_path = Path(opts.adapter_path)
     config = dataclasses.replace(opts.train, checkpoint_dir=adapter_path / "checkpoints",
                                  description=description)
     data = opts.data
     train_file = data.file("train")
-    if train_file is None:
-        raise OptionError("no training data: give {data} DIR (with train.jsonl) or {train} FILE")
     if model is None or tokenizer is None:
         if opts.model is None:
             raise OptionError("{model} is required")
@@ -328,11 +352,13 @@ def lora_train(
     trainable, total = trainable_count(model)
     log(f"LoRA: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    settings = {k: v for k, v in opts.settings().items() if k not in ("progress", "log_every")}
+    settings = {k: v for k, v in opts.settings().items()
+                if k not in ("progress", "log_every", "overwrite")}
     settings["max_seq_length"] = data.max_seq_length
 
     def on_save(m, step):
         save_adapters(m, adapter_path, lora_cfg, step=step, training=settings)
+        claim.commit()  # this run has a checkpoint: an earlier run set aside is dropped
 
     valid = splits.get("valid")
     result = train(

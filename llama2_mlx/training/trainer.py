@@ -21,7 +21,6 @@ one-process run, which a checkpoint may resume on any number of processes.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.errors import SEED_RANGE, Llama2Error, OptionError, check_fields
 from llama2_mlx.formats.weights import check_state_dict, parameter_shapes
 from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.progress import ProgressBar, peak_memory_gb
@@ -76,41 +75,47 @@ class TrainConfig:
     and the others): each default and help text is written here only.
     """
 
-    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
-    warmup: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    warmup_ratio: float = 0.0
+    lr: float = field(default=1e-5, metadata={"help": "Peak learning rate.", "min": 0})
+    warmup: int = field(default=0, metadata={"help": "Linear warmup steps.", "min": 0})
+    warmup_ratio: float = field(default=0.0, metadata={"min": 0, "below": 1})
     min_lr_ratio: float = field(default=0.1, metadata={
-        "help": "Cosine floor as a share of the peak."})
+        "help": "Cosine floor as a share of the peak.", "min": 0, "max": 1})
     schedule: str = "cosine"
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "min": 0})
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = field(default=1e-8, metadata={"above": 0})
     clip: float = field(default=1.0, metadata={
-        "help": "Clip gradients at this global norm (0: off)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+        "help": "Clip gradients at this global norm (0: off).", "min": 0})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step.",
+                                                 "min": 1})
     # Neither given: one epoch (__post_init__).
     epochs: Optional[float] = field(default=None, metadata={
-        "help": "Epochs to train (instead of --iters)."})
+        "help": "Epochs to train (instead of --iters).", "above": 0})
     iters: Optional[int] = field(default=None, metadata={
-        "help": "Optimizer steps to train (instead of --epochs)."})
-    val_every: int = field(default=200, metadata={"help": "Validate every N steps (0: off)."})
-    val_batches: int = field(default=25, metadata={"help": "Validation batches (-1: all)."})
+        "help": "Optimizer steps to train (instead of --epochs).", "min": 1})
+    val_every: int = field(default=200, metadata={"help": "Validate every N steps (0: off).",
+                                                  "min": 0})
+    val_batches: int = field(default=25, metadata={"help": "Validation batches (-1: all).",
+                                                   "min": -1})
     val_at_start: bool = True
     save_every: int = field(default=100, metadata={
-        "help": "Checkpoint every N steps (0: at the end only)."})
-    keep_checkpoints: int = 2
+        "help": "Checkpoint every N steps (0: at the end only).", "min": 0})
+    keep_checkpoints: int = field(default=2, metadata={"min": 0})
     checkpoint_dir: Optional[Path] = None
     resume: bool = field(default=False, metadata={
         "help": "Continue from the newest checkpoint of the output folder."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an earlier run's results in the output folder (kept until this "
+                "run's first checkpoint)."})
     grad_checkpoint: bool = field(default=False, metadata={
         "help": "Recompute activations in backward (less memory)."})
     seed: int = field(default=0, metadata={
-        "help": "Random seed (data order, initialization, dropout)."})
+        "help": "Random seed (data order, initialization, dropout).", **SEED_RANGE})
     progress: bool = field(default=True, metadata={
         "help": "Show the progress bar (--no-progress: no bar, and no log lines off a terminal)."})
     log_every: int = field(default=10, metadata={
         "help": "Off a terminal (stderr to a log file): a line with the loss every N steps "
-                "(0: none)."})
+                "(0: none).", "min": 0})
     description: str = "train"
 
     def __post_init__(self):
@@ -118,18 +123,7 @@ class TrainConfig:
             raise OptionError("give {epochs} or {iters}, not both")
         if self.epochs is None and self.iters is None:
             self.epochs = 1
-        if self.iters is not None and self.iters < 1:
-            raise OptionError("{iters} must be at least 1 (got {got})", got=self.iters)
-        if self.epochs is not None and self.epochs <= 0:
-            raise OptionError("{epochs} must be positive (got {got})", got=self.epochs)
-        if self.grad_accum < 1:
-            raise OptionError("{grad_accum} must be at least 1 (got {got})", got=self.grad_accum)
-        if self.clip < 0:
-            raise OptionError("{clip} must be >= 0 (got {got})", got=self.clip)
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise OptionError("{warmup_ratio} must be in [0, 1) (got {got})", got=self.warmup_ratio)
-        if self.log_every < 0:
-            raise OptionError("{log_every} must be >= 0 (got {got})", got=self.log_every)
+        check_fields(self)  # the ranges in the fields' metadata
 
     def micro_batches(self, per_epoch: int) -> int:
         """Micro-batches of the run, given ``per_epoch`` batches an epoch."""
@@ -305,17 +299,15 @@ class _Run:
         ckpt_dir, result = self.ckpt_dir, self.result
         if not self.config.resume:
             if ckpt_dir is not None and self.world.is_main and list_checkpoints(ckpt_dir):
-                # A fresh run must not mix its checkpoints with an older run's.
-                old = list_checkpoints(ckpt_dir)
-                self.say(f"removing {len(old)} checkpoint(s) of an earlier run in {ckpt_dir} "
-                         "(--resume continues a run)")
-                for p in old:
-                    shutil.rmtree(p, ignore_errors=True)
+                # A fresh run must not mix its checkpoints with an older run's, nor remove
+                # them: the commands set an earlier run aside first (io.outdir.claim_output).
+                raise OptionError("{checkpoint_dir}: {path} holds checkpoints of an earlier "
+                                  "run; {resume} continues it", path=ckpt_dir)
             return 0
         if ckpt_dir is None:
             raise OptionError("{resume} needs a checkpoint folder")
-        path, params, opt_state, state = shared_checkpoint(self.world,
-                                                           lambda: load_checkpoint(ckpt_dir))
+        path, params, opt_state, state = shared_checkpoint(
+            self.world, lambda: load_checkpoint(ckpt_dir, say=self.say))
         self._check_checkpoint(path, params, state)
         self.model.load_weights(list(params.items()), strict=False)
         _restore_optimizer(self.optimizer, self.model, opt_state)
