@@ -136,7 +136,7 @@ def test_chat_and_rejection_sampling_end_an_answer_at_the_same_place(text, answe
 def test_prompts_carry_their_safety_flag(tmp_path):
     from llama2_mlx.chat.records import read_flagged_prompts
 
-    path = write(tmp_path / "p.jsonl", "bare", {"prompt": "q", "safety": True},
+    path = write(tmp_path / "p.jsonl", json.dumps("bare"), {"prompt": "q", "safety": True},
                  {"messages": [USER], "safety": False}, {**DIALOG, "safety": True})
     prompts, flags = read_flagged_prompts(path)
     assert flags == [False, True, False, True]
