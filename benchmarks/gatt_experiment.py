@@ -18,6 +18,25 @@ already follows an instruction given in the *current* turn (the paper's RLHF mod
 
 Run: ``python benchmarks/gatt_experiment.py [--workdir DIR] [--dialogs N] [--eval N]``.
 Prints a table; the numbers are whatever they come out as.
+
+One run (``--warmup 800 --warmup-iters 150 --dialogs 120 --gatt-iters 80 --eval 32``,
+2 shared CPU cores, 985 s; GAtt data: last answer in uppercase in 90% of 120 dialogs):
+
+| instruction | model | turn 1 | turn 2 | turn 3 | turn 4 | turn 5 |
+|---|---|---|---|---|---|---|
+| turn 1 only | before GAtt | 97% | 0% | 0% | 0% | 0% |
+| turn 1 only | after GAtt | 91% | 94% | 100% | 94% | 97% |
+| every turn | before GAtt | 97% | 100% | 97% | 94% | 88% |
+| every turn | after GAtt | 91% | 97% | 100% | 100% | 100% |
+| none (control) | before GAtt | 0% | 0% | 0% | 0% | 0% |
+| none (control) | after GAtt | 100% | 91% | 97% | 94% | 91% |
+
+Turns 3-5 with the instruction in turn 1 only go from 0% to 94-100%, but the control
+shows why: after the GAtt fine-tune the model answers in uppercase with no instruction
+at all. Trained on GAtt records alone (every one has the instruction and an uppercase
+last answer) it learnt "always uppercase", not "remember turn 1". GAtt data would need
+mixing with dialogs without the instruction (as the paper mixes it into its SFT/RLHF data)
+before this measures instruction memory; not done here.
 """
 
 from __future__ import annotations
