@@ -63,7 +63,16 @@ class FineTune(str, Enum):
     full = "full"
 
 
+class Kind(str, Enum):
+    helpfulness = "helpfulness"
+    safety = "safety"
+
+
 RewardOpt = Annotated[str, opt("Reward model folder (written by reward-train).", _D, "--reward-model")]
+SafetyRewardOpt = Annotated[Optional[str], opt(
+    "Safety reward model folder (reward-train --kind safety): the reward is then the paper's "
+    "gate, the safety score (a probability) for prompts with \"safety\": true or a safety "
+    "score below 0.15, else the helpfulness one.", _D, "--safety-reward-model")]
 
 
 def _sampling(k, **generation):
@@ -87,6 +96,7 @@ def reward_train(
     model: ModelOpt, data: Annotated[str, opt("Folder with train.jsonl (and valid.jsonl; else 5% is held out) or one JSONL file.", _D)],
     out: Annotated[str, opt("Output folder of the reward model.", _D)],
     margin: Optional[Margin] = field_option(_REWARD, "margin", panel=_D),
+    kind: Optional[Kind] = field_option(_REWARD, "kind", panel=_D),
     fine_tune_type: Optional[FineTune] = field_option(_REWARD, "fine_tune_type", panel=_P),
     rank: Optional[int] = RANK, scale: Optional[float] = SCALE,
     num_layers: Optional[int] = NUM_LAYERS, keys: Optional[str] = KEYS,
@@ -111,7 +121,7 @@ def reward_train(
 
     lora = LoRAConfig(**given(rank=rank, scale=scale, num_layers=num_layers, keys=keys))
     config = RewardTrainConfig(lora=lora, **given(
-        fine_tune_type=fine_tune_type, margin=margin, batch_size=batch_size, warmup=warmup,
+        fine_tune_type=fine_tune_type, margin=margin, kind=kind, batch_size=batch_size, warmup=warmup,
         eval_every=eval_every, max_seq_len=max_seq_len))
     config.train = paper_train_config(
         config.fine_tune_type, lr=lr, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
@@ -129,14 +139,18 @@ def reward_eval(
     margin: Annotated[Optional[Margin], opt("Margin scheme for the loss (default: the training one).", _D)] = None,
     batch_size: Annotated[int, opt("Sequences per batch.")] = 16, dtype: DTypeOpt = None,
 ) -> None:
-    """Accuracy (r_chosen > r_rejected), mean reward gap and accuracy per rating on held-out pairs."""
+    """Accuracy (r_chosen > r_rejected), mean reward gap and accuracy per rating (Table 28's
+    buckets) on held-out pairs, for a helpfulness or a safety reward model."""
+    from llama2_mlx.rlhf.gate import reward_kind
     from llama2_mlx.rlhf.reward import evaluate_file
+    from llama2_mlx.rlhf.reward_model import read_reward_config
 
     m = evaluate_file(reward_model, data, margin=margin.value if margin else None,
                       batch_size=batch_size, dtype=dtype_name(dtype))
     typer.echo(f"accuracy {m.accuracy:.4f}\nmean reward gap {m.mean_gap:.4f}\nloss {m.loss:.4f}\npairs {m.n}")
     for rating, (acc, n) in m.per_rating.items():
         typer.echo(f"accuracy {rating} {acc:.4f} ({n} pairs)")
+    typer.echo(f"kind {reward_kind(read_reward_config(reward_model))}")
 
 
 @cli_errors
@@ -144,12 +158,14 @@ def reward_score(
     reward_model: RewardOpt,
     data: Annotated[str, opt("JSONL of prompt + response (or messages ending with the answer).", _D)],
     out: Annotated[str, opt("Output JSONL: the records with a \"reward\" field.", _D)],
+    safety_reward_model: SafetyRewardOpt = None,
     batch_size: Annotated[int, opt("Sequences per batch.")] = 16, dtype: DTypeOpt = None,
 ) -> None:
     """Score prompt/response records with a reward model and write them out with their rewards."""
     from llama2_mlx.rlhf.reward import score_file
 
-    scores = score_file(reward_model, data, out, batch_size=batch_size, dtype=dtype_name(dtype))
+    scores = score_file(reward_model, data, out, batch_size=batch_size, dtype=dtype_name(dtype),
+                        safety_reward_model=safety_reward_model)
     eprint(f"scored {len(scores)} responses (mean reward {sum(scores) / len(scores):.4f}) "
            f"-> {_abs(out)}")
 
@@ -157,9 +173,10 @@ def reward_score(
 @cli_errors
 def rejection_sample(
     model: ModelOpt, reward_model: RewardOpt,
-    prompts: Annotated[str, opt("JSONL of prompts (prompt / messages / lora-train records).", _D)],
+    prompts: Annotated[str, opt("JSONL of prompts (prompt / messages / lora-train records; "
+                                "\"safety\": true marks a safety prompt).", _D)],
     out: Annotated[str, opt("Output JSONL of the best answers (lora-train format).", _D)],
-    adapter_path: AdapterOpt = None,
+    adapter_path: AdapterOpt = None, safety_reward_model: SafetyRewardOpt = None,
     all_out: Annotated[Optional[str], opt("Also write all K answers with their rewards here.", _D)] = None,
     k: Optional[int] = RS_K, temp: Optional[float] = RS_TEMP, top_p: Optional[float] = RS_TOP_P,
     top_k: Optional[int] = RS_TOP_K, max_tokens: Optional[int] = RS_MAX_TOKENS,
@@ -172,7 +189,8 @@ def rejection_sample(
     config.check()
     report = rejection_sample_files(model, reward_model, prompts, out, config,
                                     adapter_path=adapter_path, all_out=all_out,
-                                    dtype=dtype_name(dtype), progress=not no_progress, log=eprint)
+                                    dtype=dtype_name(dtype), progress=not no_progress, log=eprint,
+                                    safety_reward_model=safety_reward_model)
     typer.echo(f"mean best reward {report.mean_best:.4f}\nmean median reward {report.mean_median:.4f}")
     eprint(report.summary())
 
@@ -180,10 +198,10 @@ def rejection_sample(
 @cli_errors
 def rs_loop(
     model: ModelOpt, reward_model: RewardOpt,
-    prompts: Annotated[str, opt("JSONL of prompts to sample.", _D)],
+    prompts: Annotated[str, opt("JSONL of prompts to sample (\"safety\": true marks a safety prompt).", _D)],
     out: Annotated[str, opt("Output folder (iter_NN/ data and adapters, summary.jsonl).", _D)],
     iterations: Annotated[int, opt("Rounds of sample -> score -> fine-tune.")] = 1,
-    adapter_path: AdapterOpt = None,
+    adapter_path: AdapterOpt = None, safety_reward_model: SafetyRewardOpt = None,
     eval_prompts: Annotated[Optional[str], opt("Held-out prompts for the mean greedy reward (default: --prompts).", _D)] = None,
     k: Optional[int] = RS_K, temp: Optional[float] = RS_TEMP, top_p: Optional[float] = RS_TOP_P,
     top_k: Optional[int] = RS_TOP_K, max_tokens: Optional[int] = RS_MAX_TOKENS,
@@ -213,7 +231,7 @@ def rs_loop(
     for s in rs_loop_files(model, reward_model, prompts, out, RSLoopConfig(iterations, rs, sft),
                            adapter_path=adapter_path, eval_prompts_file=eval_prompts,
                            dtype=dtype_name(dtype), resume=resume, overwrite=overwrite,
-                           log=eprint):
+                           log=eprint, safety_reward_model=safety_reward_model):
         typer.echo(s.line())
 
 

@@ -24,6 +24,10 @@ def serve(
     reward_model: Annotated[Optional[str], typer.Option(
         help="Reward model folder (reward-train): best_of picks by its reward.",
         rich_help_panel=_MODELS)] = None,
+    safety_reward_model: Annotated[Optional[str], typer.Option(
+        help="Safety reward model folder (reward-train --kind safety): best_of then picks by "
+        "the paper's gate (the safety score if it is below 0.15, else the helpfulness one; "
+        "both probabilities).", rich_help_panel=_MODELS)] = None,
     dtype: Annotated[Optional[DType], typer.Option(
         help="Compute dtype (default: checkpoint's).", rich_help_panel=_MODELS)] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -47,7 +51,7 @@ def serve(
 
     config = ServeConfig(
         model=model, adapter_path=adapter_path, adapters=parse_adapter_specs(adapters),
-        reward_model=reward_model, dtype=dtype_name(dtype), host=host, port=port,
+        reward_model=reward_model, safety_reward_model=safety_reward_model, dtype=dtype_name(dtype), host=host, port=port,
         api_key=api_key, max_kv_size=max_kv_size, prompt_cache_bytes=prompt_cache_bytes,
         max_concurrency=max_concurrency,
     )

@@ -139,9 +139,35 @@ def test_packing_fills_rows_with_a_block_diagonal_mask_and_no_padding_targets():
 def test_packed_and_padded_token_losses_equal_one_by_one(pack):
     """RoPE is relative, so with the block-diagonal mask each packed sample gets exactly
     the per-token losses it gets alone."""
+    check_batches_equal_one_by_one(random_samples(9, seed=1), pack, max_seq_length=48)
+
+
+def gatt_dialog(turns, trained_last_only=True):
+    """A multi-turn dialog; with ``trained_last_only`` every answer but the last says
+    ``"train": false`` (Ghost Attention's records)."""
+    msgs = []
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"count {i} please" + (" in french" if i == 0 else "")})
+        answer = {"role": "assistant", "content": " ".join(["one", "two", "three"][: i % 3 + 1])}
+        if trained_last_only and i < turns - 1:
+            answer["train"] = False
+        msgs.append(answer)
+    return msgs
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_packed_and_padded_losses_equal_one_by_one_with_untrained_turns(tok, pack):
+    """The same exactness with "train": false answers mixed in: they are context only."""
+    samples = [tokenize_record({"messages": gatt_dialog(t, flag)}, tok, f"d{t}{flag}")
+               for t in (1, 2, 3) for flag in (True, False)]
+    assert any(s.num_targets < t.num_targets for s, t in zip(samples[::2], samples[1::2])
+               if len(s) == len(t))
+    check_batches_equal_one_by_one(samples + random_samples(5, seed=4), pack, max_seq_length=128)
+
+
+def check_batches_equal_one_by_one(samples, pack, max_seq_length):
     model = make_model()
-    samples = random_samples(9, seed=1)
-    b = SFTBatches(samples, batch_size=2, max_seq_length=48, pack=pack, seed=3)
+    b = SFTBatches(samples, batch_size=2, max_seq_length=max_seq_length, pack=pack, seed=3)
     alone = []
     for s in samples:
         logits = model(mx.array([s.tokens[:-1]]))[0]  # (n, vocab)
@@ -181,3 +207,34 @@ def test_padded_batches_are_sorted_by_length_and_pad_is_never_a_target():
         assert np.all(w[x == 0] == 0)  # padding (id 0) positions carry no target
         assert batch.mask is None
     assert b.stats().fill < 1.0
+
+
+def test_train_false_answers_carry_no_loss_only_the_last_answer_and_its_eos(tok):
+    msgs = gatt_dialog(3)
+    s = tokenize_record({"messages": msgs}, tok)
+    everything = tokenize_record({"messages": gatt_dialog(3, trained_last_only=False)}, tok)
+    assert s.tokens == everything.tokens  # the flag changes the targets, never the tokens
+    (run,) = target_runs(s)
+    assert run[-1] == tok.eos_id and tok.decode(run[:-1]).strip() == "one two three"
+    # Exactly the last answer segment: the last True run of the unflagged dialog.
+    assert run == target_runs(everything)[-1]
+    n = len(tok.chat_segments(msgs)[-1][0])
+    assert s.targets == [False] * (len(s) - n) + [True] * n
+    # "train": true is the default, given or not.
+    msgs[1]["train"] = True
+    assert len(target_runs(tokenize_record({"messages": msgs}, tok))) == 2
+
+
+@pytest.mark.parametrize("messages, msg", [
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": "no"}],
+     r"message 1: 'train' must be true or false, got str"),
+    ([{"role": "user", "content": "a", "train": False}, {"role": "assistant", "content": "b"}],
+     r"message 0 \(user\) has 'train'; only assistant messages take it"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}],
+     r"no assistant answer to train on \(every assistant turn says \"train\": false\)"),
+])
+def test_bad_train_flags_name_file_and_line(tok, tmp_path, messages, msg):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"},
+                                                  {"messages": messages}])
+    with pytest.raises(Llama2Error, match="train.jsonl line 2: " + msg):
+        load_samples(path, tok)

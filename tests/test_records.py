@@ -131,3 +131,16 @@ def test_chat_and_rejection_sampling_end_an_answer_at_the_same_place(text, answe
     stops = StopStrings(ChatSession(None, None, reuse_cache=False).config.stop)
     streamed = "".join(stops.add(c) for c in text) + stops.flush()
     assert (streamed, stops.hit) == cut_answer(text)
+
+
+def test_prompts_carry_their_safety_flag(tmp_path):
+    from llama2_mlx.chat.records import read_flagged_prompts
+
+    path = write(tmp_path / "p.jsonl", json.dumps("bare"), {"prompt": "q", "safety": True},
+                 {"messages": [USER], "safety": False}, {**DIALOG, "safety": True})
+    prompts, flags = read_flagged_prompts(path)
+    assert flags == [False, True, False, True]
+    assert prompts == read_prompts(path) and prompts[3] == [SYSTEM, USER]
+    write(path, {"prompt": "q"}, {"prompt": "q", "safety": "yes"})
+    with pytest.raises(Llama2Error, match=r"p.jsonl line 2: 'safety' must be true or false, got str"):
+        read_flagged_prompts(path)

@@ -13,6 +13,15 @@ follows it. A prompts file also takes a bare JSON string as a prompt. Messages a
 checked by ``tokenizer.validate_messages``; every error is one line that starts with
 the record's file and line.
 
+Two optional flags:
+
+* ``"train": false`` on an assistant message of a ``lora-train`` dialog: no loss on that
+  answer (its tokens and EOS are context only; Ghost Attention's earlier turns, §3.3).
+  The default is ``true``; only assistant messages take it (``trained_answers``).
+* ``"safety": true`` on a prompt record: a safety prompt, whose combined reward is the
+  safety reward model's (§3.2.6, ``rlhf.gate``). The default is ``false``
+  (``safety_flag``, ``read_flagged_prompts``).
+
 An answer ends at the first chat-format tag (``cut_answer``): it could not be encoded
 in a dialog otherwise.
 """
@@ -110,15 +119,42 @@ def answer_of(record: dict, key: str, prompt: Sequence[dict], where: str, *,
 
 def sft_dialog(record: dict, where: str) -> list[dict]:
     """The dialog of a ``lora-train`` record: its messages as they are (every assistant
-    turn is trained on), or a prompt and its ``"completion"`` (which may be empty: the
-    answer is then EOS alone). ``{"text"}`` records are not dialogs (``has_dialog``)."""
+    turn is trained on unless it says ``"train": false``, see ``trained_answers``), or a
+    prompt and its ``"completion"`` (which may be empty: the answer is then EOS alone).
+    ``{"text"}`` records are not dialogs (``has_dialog``)."""
     messages = dialog_of(record, where, needs=SFT_NEEDS)
+    trained_answers(messages, where)
     # A "prompt" that ends with the user needs its answer; "messages" may end anywhere.
     if "completion" in record or ("prompt" in record and messages[-1]["role"] == "user"):
         prompt = _ends_with_user(messages, where)
         answer = answer_of(record, "completion", prompt, where, empty_ok=True)
         messages = prompt + [{"role": "assistant", "content": answer}]
     return messages
+
+
+def trained_answers(messages: Sequence[dict], where: str) -> list[bool]:
+    """Whether each assistant message (in order) is trained on: its ``"train"`` flag, a
+    JSON boolean, true when absent. Any other message with a ``"train"`` is an error."""
+    flags = []
+    for i, m in enumerate(messages):
+        if "train" in m:
+            if m["role"] != "assistant":
+                raise Llama2Error(f"{where}: message {i} ({m['role']}) has 'train'; only "
+                                  f"assistant messages take it")
+            if not isinstance(m["train"], bool):
+                raise Llama2Error(f"{where}: message {i}: 'train' must be true or false, "
+                                  f"got {type(m['train']).__name__}")
+        if m["role"] == "assistant":
+            flags.append(m.get("train", True))
+    return flags
+
+
+def safety_flag(record: dict, where: str) -> bool:
+    """The record's ``"safety"`` flag (a JSON boolean; false when absent)."""
+    value = record.get("safety", False)
+    if not isinstance(value, bool):
+        raise Llama2Error(f"{where}: 'safety' must be true or false, got {type(value).__name__}")
+    return value
 
 
 def prompt_record(record: dict, where: str) -> list[dict]:
@@ -132,6 +168,15 @@ def read_prompts(path) -> list[list[dict]]:
     """The prompts of a JSONL file (see ``prompt_record``; bare JSON strings too), each
     chat messages ending with a user turn."""
     return [prompt_record(rec, where) for where, rec in read_records(path, strings=True)]
+
+
+def read_flagged_prompts(path) -> tuple[list[list[dict]], list[bool]]:
+    """The prompts of ``read_prompts`` and each one's ``"safety"`` flag (``safety_flag``)."""
+    prompts, flags = [], []
+    for where, rec in read_records(path, strings=True):
+        prompts.append(prompt_record(rec, where))
+        flags.append(safety_flag(rec, where))
+    return prompts, flags
 
 
 def response_of(record: dict, where: str, *, empty_ok: bool = False) -> tuple[list[dict], str]:

@@ -2,7 +2,8 @@
 
 For every prompt, K answers are drawn from the policy (the prompt prefilled
 once, its KV cache shared by the K samples, which decode as one batch), each
-is scored by the reward model on the chat encoding of prompt + answer, and the
+is scored by the reward model on the chat encoding of prompt + answer (with a
+safety reward model too: the gated reward of §3.2.6, ``gate``), and the
 best one becomes the prompt's new gold answer, written as JSONL that
 ``lora-train`` reads directly (``{"messages": [..., {"role": "assistant", ...}]}``).
 The loop that repeats sample -> score -> fine-tune is ``rs_loop``.
@@ -22,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from llama2_mlx.chat.records import cut_answer, read_prompts
+from llama2_mlx.chat.records import cut_answer, read_flagged_prompts
 from llama2_mlx.errors import Llama2Error, OptionError, check_fields
 from llama2_mlx.generation.generate import GenerationConfig, batch_generate, sample_k
 from llama2_mlx.io.atomic import write_jsonl_atomic
@@ -30,12 +31,8 @@ from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.outdir import check_output_file
 from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.models.model import eval_mode
-from llama2_mlx.rlhf.reward_data import encode_response
-from llama2_mlx.rlhf.reward_model import (
-    RewardModel,
-    score_sequences,
-    score_shared_prefix,
-)
+from llama2_mlx.rlhf.gate import RewardScorer, as_scorer
+from llama2_mlx.rlhf.reward_model import RewardModel
 
 
 @dataclass
@@ -58,13 +55,16 @@ class RSConfig:
 @dataclass
 class PromptSamples:
     """The K answers to one prompt, their rewards, whether each ended with EOS (rather
-    than at max_tokens), and the index of the best one."""
+    than at max_tokens), and the index of the best one; whether the prompt is a safety
+    prompt and, with two reward models, each answer's helpfulness and safety scores."""
 
     prompt: list[dict]
     texts: list[str]
     rewards: list[float]
     finished: list[bool]
     best: int
+    safety_prompt: bool = False
+    components: list[dict] = field(default_factory=list)
 
     @property
     def best_reward(self) -> float:
@@ -77,15 +77,20 @@ class PromptSamples:
     def winner_record(self) -> dict:
         """The best answer as a ``lora-train`` record (plus its reward)."""
         answer = {"role": "assistant", "content": self.texts[self.best]}
-        return {"messages": self.prompt + [answer], "reward": self.best_reward}
+        record = {"messages": self.prompt + [answer], "reward": self.best_reward}
+        if self.components:
+            record.update(self.components[self.best])
+        return {**record, "safety": True} if self.safety_prompt else record
 
     def all_record(self) -> dict:
         """The prompt, all K answers with their rewards, and the index of the best."""
-        return {
+        components = self.components or [{}] * len(self.texts)
+        record = {
             "messages": self.prompt, "best": self.best,
-            "samples": [{"text": t, "reward": r, "finished": f}
-                        for t, r, f in zip(self.texts, self.rewards, self.finished)],
+            "samples": [{"text": t, "reward": r, "finished": f, **c}
+                        for t, r, f, c in zip(self.texts, self.rewards, self.finished, components)],
         }
+        return {**record, "safety": True} if self.safety_prompt else record
 
 
 @dataclass
@@ -136,20 +141,34 @@ def prompt_seed(seed: int, i: int) -> int:
     return (seed * 1_000_003 + i) % 2**32
 
 
+def safety_flags(prompts: Sequence, safety_prompts: Optional[Sequence[bool]]) -> list[bool]:
+    """One safety flag per prompt (default: none is a safety prompt)."""
+    if safety_prompts is None:
+        return [False] * len(prompts)
+    if len(safety_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(safety_prompts)} safety flags")
+    return [bool(f) for f in safety_prompts]
+
+
 def rejection_sample(
-    policy, tokenizer, rm: RewardModel, rm_tokenizer, prompts: Sequence[Sequence[dict]],
-    config: Optional[RSConfig] = None, *, progress: bool = True,
+    policy, tokenizer, rm: RewardModel | RewardScorer, rm_tokenizer,
+    prompts: Sequence[Sequence[dict]], config: Optional[RSConfig] = None, *,
+    progress: bool = True, safety_prompts: Optional[Sequence[bool]] = None,
 ) -> RSReport:
     """Sample ``config.k`` answers per prompt with ``sample_k`` (one prefill, K-row batched
-    decoding), score each answer with ``rm`` (on ``rm_tokenizer``'s chat encoding of prompt
-    + answer, EOS included; the shared prompt is run once there too, see
-    ``score_shared_prefix``) and pick the best (among the answers that ended with EOS,
-    when any did). Prompt ``i`` is sampled with seed ``prompt_seed(seed, i)``; under
-    ``mlx.launch`` every rank samples its share and every rank gets all the results."""
+    decoding), score each answer with ``rm`` (a reward model, on ``rm_tokenizer``'s chat
+    encoding of prompt + answer, EOS included, the shared prompt run once there too, see
+    ``score_shared_prefix``; or a ``gate.RewardScorer`` of two reward models, whose gated
+    reward sees ``safety_prompts``, one flag per prompt) and pick the best (among the
+    answers that ended with EOS, when any did). Prompt ``i`` is sampled with seed
+    ``prompt_seed(seed, i)``; under ``mlx.launch`` every rank samples its share and every
+    rank gets all the results."""
     config = config or RSConfig()
     config.check()
     if not prompts:
         raise Llama2Error("no prompts to sample")
+    scorer = as_scorer(rm, rm_tokenizer)
+    flags = safety_flags(prompts, safety_prompts)
     gen = dataclasses.replace(config.generation, seed=None)
     w = world()
     mine = range(w.rank, len(prompts), w.size)
@@ -168,13 +187,15 @@ def rejection_sample(
             t1 = time.perf_counter()
             texts, cut = zip(*(_answer(tokenizer, o) for o in outs))
             finished = [e or c for e, c in zip(eos, cut)]
-            seqs = [encode_response(rm_tokenizer, prompt, t, rm.max_len) for t in texts]
-            rewards = score_shared_prefix(rm, seqs, batch_size=config.score_batch_size)
+            scores = scorer.score_answers(prompt, texts, flags[i],
+                                          batch_size=config.score_batch_size)
+            rewards = scores.rewards
             report.sample_seconds += t1 - t0
             report.score_seconds += time.perf_counter() - t1
             report.generated_tokens += sum(len(o) for o in outs)
-            report.results.append(PromptSamples(prompt, list(texts), rewards, finished,
-                                                _pick_best(rewards, finished)))
+            report.results.append(PromptSamples(
+                prompt, list(texts), rewards, finished, _pick_best(rewards, finished), flags[i],
+                [scores.item(j) for j in range(len(texts))] if scorer.gated else []))
             bar.update(n, best=f"{report.mean_best:.3f}", median=f"{report.mean_median:.3f}")
     if w.size > 1:
         report = _gathered(w, report, len(prompts))
@@ -208,12 +229,14 @@ def write_report(report: RSReport, out, all_out=None) -> None:
         write_jsonl_atomic(all_out, (r.all_record() for r in report.results))
 
 
-def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
+def greedy_rewards(policy, tokenizer, rm: RewardModel | RewardScorer, rm_tokenizer,
                    prompts: Sequence[Sequence[dict]], *, max_tokens: int = 256,
-                   batch_size: int = 16) -> list[float]:
+                   batch_size: int = 16, safety_prompts: Optional[Sequence[bool]] = None
+                   ) -> list[float]:
     """The reward of the policy's greedy answer to each prompt (prompts decoded in batches
     of ``batch_size``; under ``mlx.launch`` batch ``b`` on rank ``b % size``, the answers
-    then gathered and scored as on one process)."""
+    then gathered and scored as on one process); ``rm`` and ``safety_prompts`` as in
+    ``rejection_sample``."""
     config = GenerationConfig(max_tokens=max_tokens, temp=0.0)
     w = world()
     texts: list = []
@@ -225,17 +248,21 @@ def greedy_rewards(policy, tokenizer, rm: RewardModel, rm_tokenizer,
     if w.size > 1:
         parts = w.all_gather_objects(texts, "gathering the greedy answers")
         texts = [parts[b % w.size][b // w.size] for b in range(-(-len(prompts) // batch_size))]
-    seqs = [encode_response(rm_tokenizer, list(p), t, rm.max_len)
-            for p, t in zip(prompts, (t for batch in texts for t in batch))]
-    return score_sequences(rm, seqs, batch_size=batch_size)
+    answers = [t for batch in texts for t in batch]
+    return as_scorer(rm, rm_tokenizer).score_responses(
+        [list(p) for p in prompts], answers, safety_flags(prompts, safety_prompts),
+        batch_size=batch_size).rewards
 
 
 # --------------------------------------------------------------------------- from files
 
 
-def load_models(model, adapter_path, reward_model, dtype, log: Callable[[str], None]):
-    """The starting policy's ``SharedBase``, its LoRA config (if ``adapter_path``) and the
-    reward model, on the policy's base weights when it was trained on the same base."""
+def load_models(model, adapter_path, reward_model, dtype, log: Callable[[str], None],
+                safety_reward_model=None):
+    """The starting policy's ``SharedBase``, its LoRA config (if ``adapter_path``), the
+    reward model and its tokenizer, on the policy's base weights when it was trained on
+    the same base. With ``safety_reward_model`` the third item is a ``gate.RewardScorer``
+    of both models (both on the shared base)."""
     from llama2_mlx.checkpoints.shared import SharedBase
     from llama2_mlx.models.lora import read_adapter_config
     from llama2_mlx.rlhf.reward_model import load_reward_model
@@ -248,6 +275,15 @@ def load_models(model, adapter_path, reward_model, dtype, log: Callable[[str], N
                               "adapters (fuse it into the model first)", path=adapter_path,
                               kind=kind)
     base = SharedBase.load(model, dtype)
+    if safety_reward_model is not None:
+        from llama2_mlx.rlhf.gate import load_scorer
+
+        scorer = load_scorer(reward_model, safety_reward_model, dtype=dtype, shared=base)
+        shared = [m for m in scorer.models if base.shared_by(m)]
+        if shared:
+            log(f"{len(shared)} of the 2 reward models share the policy's base weights "
+                f"(one copy in memory)")
+        return base, lora_config, scorer, scorer.helpful_tokenizer
     rm, rm_tokenizer = load_reward_model(reward_model, dtype=dtype, shared=base)
     if base.shared_by(rm):
         log("the reward model shares the policy's base weights (one copy in memory)")
@@ -256,9 +292,11 @@ def load_models(model, adapter_path, reward_model, dtype, log: Callable[[str], N
 
 def rejection_sample_files(model, reward_model, prompts_file, out, config: Optional[RSConfig] = None,
                            *, adapter_path=None, all_out=None, dtype=None,
-                           progress: bool = True, log: Callable[[str], None] = log_stderr) -> RSReport:
-    """Load the policy (``model`` [+ ``adapter_path``]) and the reward model folder, run
-    ``rejection_sample`` on the prompts of ``prompts_file`` and ``write_report``."""
+                           progress: bool = True, log: Callable[[str], None] = log_stderr,
+                           safety_reward_model=None) -> RSReport:
+    """Load the policy (``model`` [+ ``adapter_path``]) and the reward model folder (and
+    the safety one), run ``rejection_sample`` on the prompts of ``prompts_file`` (with
+    their ``"safety"`` flags) and ``write_report``."""
     config = config or RSConfig()
     config.check()
     log = world().main_only(log)
@@ -266,10 +304,11 @@ def rejection_sample_files(model, reward_model, prompts_file, out, config: Optio
         check_output_file(out, "out")
         if all_out is not None:
             check_output_file(all_out, "all_out")
-    prompts = read_prompts(prompts_file)
-    base, _, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
+    prompts, flags = read_flagged_prompts(prompts_file)
+    base, _, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log,
+                                            safety_reward_model)
     policy, tokenizer = base.policy(adapter_path)
     report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, config,
-                              progress=progress)
+                              progress=progress, safety_prompts=flags)
     write_report(report, out, all_out)
     return report

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from llama2_mlx.chat.records import read_records, response_of
+from llama2_mlx.chat.records import read_records, response_of, safety_flag
 from llama2_mlx.errors import OptionError, OptionText, check_fields
 from llama2_mlx.io.readers import is_dir
 from llama2_mlx.models.model import Transformer
+from llama2_mlx.rlhf.gate import KINDS, load_scorer
 from llama2_mlx.rlhf.reward_data import (
     MARGINS,
     EncodedPair,
@@ -94,6 +95,9 @@ class RewardTrainConfig:
         "help": "Keep the last N tokens of longer sequences.", "min": 2})
     margin: str = field(default="small", metadata={
         "help": "Margin by rating (Table 27): small 1, 2/3, 1/3, 0; large 3, 2, 1, 0; none."})
+    kind: str = field(default="helpfulness", metadata={
+        "help": "The reward model's kind, helpfulness or safety (recorded in its "
+                "reward_config.json; the gate of rejection-sample --safety-reward-model)."})
 
     def __post_init__(self):
         from llama2_mlx.models.lora import LoRAConfig
@@ -109,6 +113,9 @@ class RewardTrainConfig:
         if self.margin not in MARGINS:
             raise OptionError("{margin} must be one of {choices}, not {got!r}",
                               choices=', '.join(MARGINS), got=self.margin)
+        if self.kind not in KINDS:
+            raise OptionError("{kind} must be one of {choices}, not {got!r}",
+                              choices=', '.join(KINDS), got=self.kind)
         if self.eval_every < 0:
             raise OptionError("{eval_every} must be >= 0 (got {got})", got=self.eval_every)
 
@@ -203,7 +210,7 @@ def fit_reward_model(
         save_reward_model(
             rm, out_dir, base_model=base_model, fine_tune_type=config.fine_tune_type,
             lora_config=config.lora,
-            extra={"margin": config.margin, "step": step,
+            extra={"kind": config.kind, "margin": config.margin, "step": step,
                    "total_steps": total, "metrics": last},
         )
         if claim is not None:
@@ -263,8 +270,9 @@ def _train_reward_model(base_model, data, out_dir, config: RewardTrainConfig, dt
 
 def evaluate_file(reward_model, data, *, margin: Optional[str] = None, batch_size: int = 16,
                   dtype=None) -> RewardMetrics:
-    """``RewardMetrics`` of a saved reward model on a preference JSONL file (or a data
-    folder's valid.jsonl); ``margin`` defaults to the scheme it was trained with."""
+    """``RewardMetrics`` of a saved reward model (of either kind: ``gate.reward_kind``
+    of its config) on a preference JSONL file (or a data folder's valid.jsonl), with the
+    accuracy per rating; ``margin`` defaults to the scheme it was trained with."""
     rm, tokenizer = load_reward_model(reward_model, dtype=dtype)
     config = read_reward_config(reward_model)
     margin = margin or config.get("margin", "small")
@@ -277,17 +285,27 @@ def evaluate_file(reward_model, data, *, margin: Optional[str] = None, batch_siz
 
 
 def score_file(reward_model, data, out, *, batch_size: int = 16, dtype=None,
-               key: str = "reward") -> list[float]:
+               key: str = "reward", safety_reward_model=None) -> list[float]:
     """Score every prompt/response record of ``data`` (see ``response_of``) and write the
-    records with their score under ``key`` to ``out``; returns the scores."""
+    records with their score under ``key`` to ``out``; returns the scores. With
+    ``safety_reward_model`` the score is the gated reward of §3.2.6 (``gate``; a record's
+    ``"safety": true`` marks a safety prompt) and each record also gets its
+    ``helpfulness_reward`` and ``safety_reward`` (probabilities)."""
     from llama2_mlx.io.atomic import write_jsonl_atomic
     from llama2_mlx.io.outdir import check_output_file
 
     check_output_file(out, "out")  # before any model is loaded
     records = read_records(data)
     items = [response_of(r, where) for where, r in records]
-    rm, tokenizer = load_reward_model(reward_model, dtype=dtype)
-    scores = score_responses(rm, tokenizer, [p for p, _ in items], [r for _, r in items],
-                             batch_size=batch_size)
-    write_jsonl_atomic(out, ({**r, key: s} for (_, r), s in zip(records, scores)))
-    return scores
+    prompts, responses = [p for p, _ in items], [r for _, r in items]
+    if safety_reward_model is None:
+        rm, tokenizer = load_reward_model(reward_model, dtype=dtype)
+        scores = score_responses(rm, tokenizer, prompts, responses, batch_size=batch_size)
+        write_jsonl_atomic(out, ({**r, key: s} for (_, r), s in zip(records, scores)))
+        return scores
+    flags = [safety_flag(r, where) for where, r in records]
+    scorer = load_scorer(reward_model, safety_reward_model, dtype=dtype)
+    got = scorer.score_responses(prompts, responses, flags, batch_size=batch_size)
+    write_jsonl_atomic(out, ({**r, key: s, **got.item(i)}
+                             for i, ((_, r), s) in enumerate(zip(records, got.rewards))))
+    return got.rewards

@@ -23,18 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from llama2_mlx.chat.records import read_prompts
+from llama2_mlx.chat.records import read_flagged_prompts
 from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.io.atomic import write_json_atomic, write_jsonl_atomic
 from llama2_mlx.io.distributed import World, world
 from llama2_mlx.io.outdir import Claim, claim_output
 from llama2_mlx.io.progress import log_stderr
 from llama2_mlx.io.readers import read_json, read_jsonl
+from llama2_mlx.rlhf.gate import RewardScorer
 from llama2_mlx.rlhf.rejection import (
     RSConfig,
     greedy_rewards,
     load_models,
     rejection_sample,
+    safety_flags,
     write_report,
 )
 from llama2_mlx.rlhf.reward_model import RewardModel
@@ -115,7 +117,7 @@ _NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "ov
                  "progress", "log_every")
 
 
-def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
+def _settings(config: RSLoopConfig, prompts, eval_prompts, flags, eval_flags) -> dict:
     """What a resumed run must share with the run it continues (all but the iteration count)."""
     import hashlib
 
@@ -127,7 +129,9 @@ def _settings(config: RSLoopConfig, prompts, eval_prompts) -> dict:
         "k": config.rs.k, "generation": dataclasses.asdict(config.rs.generation),
         "score_batch_size": config.rs.score_batch_size, "sft": sft,
         "greedy_max_tokens": config.greedy_max_tokens,
-        "prompts": digest(prompts), "eval_prompts": digest(eval_prompts)}))
+        # The safety flags count only when a prompt has one (older runs stay resumable).
+        "prompts": digest([prompts, flags] if any(flags) else prompts),
+        "eval_prompts": digest([eval_prompts, eval_flags] if any(eval_flags) else eval_prompts)}))
 
 
 def _differences(old, new, where=""):
@@ -209,11 +213,12 @@ def _fresh(out: Path, settings: dict) -> tuple[list, list]:
 
 
 def rs_loop(
-    load_policy: Callable[..., tuple], rm: RewardModel, rm_tokenizer,
+    load_policy: Callable[..., tuple], rm: RewardModel | RewardScorer, rm_tokenizer,
     prompts: Sequence[Sequence[dict]], out_dir, config: Optional[RSLoopConfig] = None, *,
     eval_prompts: Optional[Sequence[Sequence[dict]]] = None, lora_config=None,
     resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = log_stderr,
-    claim: Optional[Claim] = None,
+    safety_prompts: Optional[Sequence[bool]] = None,
+    eval_safety_prompts: Optional[Sequence[bool]] = None, claim: Optional[Claim] = None,
 ) -> list[IterationSummary]:
     """Run ``config.iterations`` rounds of sample -> score -> fine-tune.
 
@@ -228,19 +233,27 @@ def rs_loop(
     fine-tunes' metrics (with their ``iteration``) and an "iteration" record each. ``resume`` continues the run in
     ``out_dir`` after its last finished iteration (same settings; ``iterations`` may
     grow), with the same results as a run that was never stopped; ``overwrite`` replaces an
-    earlier run there (kept until this run's first fine-tuned iteration). ``claim``: the
-    folder already claimed by the caller (``claim_rs_folder``).
+    earlier run there (kept until this run's first fine-tuned iteration). ``rm`` may be a
+    ``gate.RewardScorer`` of two reward models; ``safety_prompts`` (and
+    ``eval_safety_prompts``) flag the safety prompts of the gate (default: none).
+    ``claim``: the folder already claimed by the caller (``claim_rs_folder``).
     """
     if claim is None:
         with claim_rs_folder(out_dir, resume, overwrite, log) as claim:
             return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
                            eval_prompts=eval_prompts, lora_config=lora_config, resume=resume,
-                           log=log, claim=claim)
+                           log=log, safety_prompts=safety_prompts,
+                           eval_safety_prompts=eval_safety_prompts, claim=claim)
     config = config or RSLoopConfig()
     config.rs.check()
     out = Path(out_dir)
-    eval_prompts = list(eval_prompts) if eval_prompts is not None else list(prompts)
-    settings = _settings(config, list(prompts), eval_prompts)
+    flags = safety_flags(prompts, safety_prompts)
+    if eval_prompts is None:
+        eval_prompts, eval_flags = list(prompts), flags
+    else:
+        eval_prompts = list(eval_prompts)
+        eval_flags = safety_flags(eval_prompts, eval_safety_prompts)
+    settings = _settings(config, list(prompts), eval_prompts, flags, eval_flags)
     w = world()
     log = w.main_only(log)
     summaries, pool = _from_main(w, lambda: _resumed(out, settings) if resume
@@ -253,9 +266,9 @@ def rs_loop(
     # The pool the fine-tunes read: the run's train.jsonl on rank 0, a private copy elsewhere.
     private = None if w.is_main else Path(tempfile.mkdtemp(prefix="llama2-rs-pool-"))
     try:
-        return _iterations(load_policy, rm, rm_tokenizer, prompts, out, config, eval_prompts,
-                           lora_config, log, summaries, pool, greedy_tokens, w, private, metrics,
-                           claim)
+        return _iterations(load_policy, rm, rm_tokenizer, (prompts, flags), out, config,
+                           (eval_prompts, eval_flags), lora_config, log, summaries, pool,
+                           greedy_tokens, w, private, metrics, claim)
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -265,7 +278,10 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
                 eval_prompts, lora_config, log, summaries: list, pool: list, greedy_tokens: int,
                 w: World, private: Optional[Path], metrics, claim: Claim
                 ) -> list[IterationSummary]:
-    """The iterations of ``rs_loop`` after the finished ones (``summaries``)."""
+    """The iterations of ``rs_loop`` after the finished ones (``summaries``); ``prompts``
+    and ``eval_prompts`` are (prompts, safety flags)."""
+    prompts, flags = prompts
+    eval_prompts, eval_flags = eval_prompts
 
     def record(s: IterationSummary) -> None:
         summaries.append(s)
@@ -280,7 +296,8 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
             claim.commit()  # a fine-tuned iteration of its own: an earlier run set aside goes
 
     def greedy(p) -> float:
-        r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens)
+        r = greedy_rewards(p, tokenizer, rm, rm_tokenizer, eval_prompts, max_tokens=greedy_tokens,
+                           safety_prompts=eval_flags)
         return float(sum(r) / len(r))
 
     done = len(summaries) - 1
@@ -298,7 +315,7 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
         rs = dataclasses.replace(config.rs, generation=dataclasses.replace(
             config.rs.generation, seed=base_seed + it))
         report = rejection_sample(policy, tokenizer, rm, rm_tokenizer, prompts, rs,
-                                  progress=config.sft.train.progress)
+                                  progress=config.sft.train.progress, safety_prompts=flags)
         log(f"iteration {it}: {report.summary()}")
         write_report(report, d / "winners.jsonl", d / "samples.jsonl")
         pool += [r.winner_record() for r in report.results]
@@ -319,15 +336,17 @@ def _iterations(load_policy, rm, rm_tokenizer, prompts, out: Path, config: RSLoo
 
 def rs_loop_files(model, reward_model, prompts_file, out_dir, config: Optional[RSLoopConfig] = None,
                   *, adapter_path=None, eval_prompts_file=None, dtype=None, resume: bool = False,
-                  overwrite: bool = False, log: Callable[[str], None] = log_stderr
-                  ) -> list[IterationSummary]:
+                  overwrite: bool = False, log: Callable[[str], None] = log_stderr,
+                  safety_reward_model=None) -> list[IterationSummary]:
     """``rs_loop`` with the starting policy ``model`` [+ ``adapter_path``], a reward model
-    folder and prompt files."""
+    folder (and a safety one: the gated reward) and prompt files (with their ``"safety"``
+    flags)."""
     config = config or RSLoopConfig()
     config.rs.check()
     with claim_rs_folder(out_dir, resume, overwrite, log) as claim:
         return _rs_loop_files(model, reward_model, prompts_file, out_dir, config, adapter_path,
-                              eval_prompts_file, dtype, resume, log, claim)
+                              eval_prompts_file, dtype, resume, log, claim,
+                              safety_reward_model)
 
 
 # What an rs-loop run leaves in its folder, and those of them that are results to keep.
@@ -343,14 +362,18 @@ def claim_rs_folder(out_dir, resume: bool, overwrite: bool, log):
 
 
 def _rs_loop_files(model, reward_model, prompts_file, out_dir, config, adapter_path,
-                   eval_prompts_file, dtype, resume, log, claim) -> list[IterationSummary]:
-    prompts = read_prompts(prompts_file)
-    eval_prompts = read_prompts(eval_prompts_file) if eval_prompts_file is not None else None
-    base, lora_config, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log)
+                   eval_prompts_file, dtype, resume, log, claim, safety_reward_model
+                   ) -> list[IterationSummary]:
+    prompts, flags = read_flagged_prompts(prompts_file)
+    eval_prompts = eval_flags = None
+    if eval_prompts_file is not None:
+        eval_prompts, eval_flags = read_flagged_prompts(eval_prompts_file)
+    base, lora_config, rm, rm_tokenizer = load_models(model, adapter_path, reward_model, dtype, log,
+                                                      safety_reward_model)
 
     def load_policy(adapters=None):
         return base.policy(adapters if adapters is not None else adapter_path)
 
     return rs_loop(load_policy, rm, rm_tokenizer, prompts, out_dir, config,
                    eval_prompts=eval_prompts, lora_config=lora_config, resume=resume, log=log,
-                   claim=claim)
+                   safety_prompts=flags, eval_safety_prompts=eval_flags, claim=claim)

@@ -41,7 +41,8 @@ class Engine:
 
     ``max_concurrency`` bounds the sequences decoding at once (a request takes n or
     best_of of them; the rest wait in arrival order); ``prompt_cache_bytes`` the prompt
-    cache; ``reward_model`` (a ``RewardModel``) scores best_of samples.
+    cache; ``reward_model`` (a ``RewardModel``, or a ``rlhf.gate.RewardScorer`` of a
+    helpfulness and a safety model: the gated reward of §3.2.6) scores best_of samples.
     """
 
     def __init__(self, models: dict, *, max_concurrency: int = 16,
@@ -446,14 +447,14 @@ class Engine:
         """The n best samples (best first) and, with a reward model, their rewards."""
         rows = run.rows
         if self.reward_model is not None:
-            from llama2_mlx.rlhf.reward_model import score_shared_prefix
+            from llama2_mlx.rlhf.gate import as_scorer
 
-            rm = self.reward_model
             seqs = []
             for row in rows:  # prompt, answer and EOS: what the reward model was trained on
                 answer = [t for t in row.tokens if t != run.eos_id]
-                seqs.append((run.job.prompt + answer + [run.eos_id])[-rm.max_len:])
-            scores = score_shared_prefix(rm, seqs)
+                seqs.append(run.job.prompt + answer + [run.eos_id])
+            # No request is a safety prompt: the gate's threshold branch alone applies.
+            scores = as_scorer(self.reward_model).score_tokens(seqs).rewards
         else:
             # The mean logprob of the returned tokens (OpenAI's "log probability per token").
             scores = [r.logprob_sum / r.completion_tokens if r.completion_tokens else r.eos_logprob

@@ -39,6 +39,7 @@ class ServeConfig:
     adapter_path: Optional[str] = None
     adapters: dict[str, str] = field(default_factory=dict)
     reward_model: Optional[str] = None
+    safety_reward_model: Optional[str] = None
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: Optional[str] = None
@@ -61,6 +62,8 @@ class ServeConfig:
                                   f"got {getattr(self, name)}")
         if self.max_kv_size is not None and self.max_kv_size < 2:
             raise Llama2Error(f"--max-kv-size must be >= 2, got {self.max_kv_size}")
+        if self.safety_reward_model is not None and self.reward_model is None:
+            raise Llama2Error("--safety-reward-model needs --reward-model (the helpfulness one)")
         if self.api_key is not None and not self.api_key.strip():
             raise Llama2Error("--api-key is empty")
 
@@ -81,12 +84,15 @@ def parse_adapter_specs(specs: Optional[Sequence[str]]) -> dict[str, str]:
 
 @dataclass
 class Served:
-    """The loaded models: ``models`` {name: (model, tokenizer)}, the default first."""
+    """The loaded models: ``models`` {name: (model, tokenizer)}, the default first;
+    ``reward_model`` the helpfulness reward model, ``scorer`` what best_of scores with
+    (the reward model, or a ``gate.RewardScorer`` of it and the safety model)."""
 
     models: dict
     tokenizer: object
     reward_model: object
     limits: Limits
+    scorer: object = None
 
     @property
     def names(self) -> list[str]:
@@ -106,15 +112,19 @@ def load_served(config: ServeConfig, note: Optional[Callable[[str], None]] = Non
     models = {name: default}
     for adapter, adapter_path in config.adapters.items():
         models[adapter] = base.policy(adapter_path)
-    rm = None
+    rm = scorer = None
     if config.reward_model is not None:
-        from llama2_mlx.rlhf.reward_model import load_reward_model
+        from llama2_mlx.rlhf.gate import load_scorer
 
-        rm, _ = load_reward_model(config.reward_model, dtype=config.dtype, shared=base)
+        scorer = load_scorer(config.reward_model, config.safety_reward_model, dtype=config.dtype,
+                             shared=base)
+        rm = scorer.helpful
+        if not scorer.gated:
+            scorer = rm
     context = base.model.args.max_seq_len
     if config.max_kv_size is not None:
         context = min(context, config.max_kv_size)
-    return Served(models, base.tokenizer, rm, Limits(context=context, max_n=config.max_n))
+    return Served(models, base.tokenizer, rm, Limits(context=context, max_n=config.max_n), scorer)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -147,7 +157,7 @@ class Server:
             raise
         self.engine = Engine(self.served.models, max_concurrency=config.max_concurrency,
                              prompt_cache_bytes=config.prompt_cache_bytes,
-                             reward_model=self.served.reward_model)
+                             reward_model=self.served.scorer or self.served.reward_model)
         app = create_app(self.engine, self.served.tokenizer, self.served.names,
                          self.served.limits, api_key=config.api_key,
                          max_body_bytes=config.max_body_bytes)

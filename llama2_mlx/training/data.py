@@ -4,8 +4,8 @@ Records (one JSON object a line): the dialog records of ``chat.records`` (``{"pr
 "completion"}`` with an optional ``"system"``, or ``{"messages": [...]}``, multi-turn) or
 ``{"text"}`` (plain language modelling). A sample is its tokens and a flag per
 token saying whether it is a training target: answer tokens and the EOS that
-ends each answer (every assistant turn), never the prompt, the chat markup or
-padding.
+ends each answer (every assistant turn but those marked ``"train": false``), never
+the prompt, the chat markup or padding.
 
 Batches are packed (samples concatenated into rows of ``max_seq_length``
 positions, a block-diagonal causal mask keeping them apart; as in §3.1 of the
@@ -20,7 +20,13 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from llama2_mlx.chat.records import has_dialog, read_records, sft_dialog, string_field
+from llama2_mlx.chat.records import (
+    has_dialog,
+    read_records,
+    sft_dialog,
+    string_field,
+    trained_answers,
+)
 from llama2_mlx.errors import Llama2Error, OptionError
 
 LONG_POLICIES = ("error", "truncate", "skip")
@@ -50,13 +56,19 @@ def tokenize_record(record: dict, tokenizer, where: str = "record") -> Sample:
     if "text" in record and not has_dialog(record):
         ids = tokenizer.encode(string_field(record, "text", where), bos=True, eos=True)
         return Sample(ids, [True] * len(ids), where)
+    messages = sft_dialog(record, where)
+    flags = trained_answers(messages, where)  # one per assistant turn, in order
+    trained = iter(flags)
     tokens, targets = [], []
-    for ids, is_target in tokenizer.chat_segments(sft_dialog(record, where), where=where):
+    for ids, is_answer in tokenizer.chat_segments(messages, where=where):
+        # Each answer segment (answer + EOS) is the next assistant turn's.
+        is_target = is_answer and next(trained)
         tokens += ids
         targets += [is_target] * len(ids)
     sample = Sample(tokens, targets, where)
     if sample.num_targets == 0:
-        raise Llama2Error(f"{where}: no assistant answer to train on")
+        why = " (every assistant turn says \"train\": false)" if flags and not any(flags) else ""
+        raise Llama2Error(f"{where}: no assistant answer to train on{why}")
     return sample
 
 
