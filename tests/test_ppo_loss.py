@@ -100,3 +100,22 @@ def test_clipped_surrogate_takes_the_pessimistic_term_and_clips_at_0_2():
     # The ratio is 1 at the policy that sampled (the first minibatch): the loss is -mean(A).
     total, count, n_clipped = clipped_surrogate(old, old, adv, mask)
     assert total.item() / count.item() == pytest.approx(-0.5) and n_clipped.item() == 0
+
+
+def test_answer_batch_masks_the_answer_tokens_and_pads_on_the_right():
+    from llama2_mlx.rlhf.ppo_loss import answer_batch
+
+    inputs, targets, mask = answer_batch([[1, 5, 6], [1, 7]], [[8, 9, 2], [3]], pad_id=0)
+    assert np.array(inputs).tolist() == [[1, 5, 6, 8, 9], [1, 7, 0, 0, 0]]
+    assert np.array(targets).tolist() == [[5, 6, 8, 9, 2], [7, 3, 0, 0, 0]]
+    assert np.array(mask).tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+
+
+def test_token_kl_is_the_exact_kl_of_each_next_token_distribution():
+    from llama2_mlx.rlhf.ppo_loss import token_kl
+
+    p, q = mx.log(mx.array([[[0.5, 0.5], [0.9, 0.1]]])), mx.log(mx.array([[[0.25, 0.75], [0.9, 0.1]]]))
+    got = np.array(token_kl(p, q))
+    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    np.testing.assert_allclose(got, [[want, 0.0]], atol=1e-6)
+    assert want > 0 and (np.array(token_kl(q, p)) >= 0).all()
