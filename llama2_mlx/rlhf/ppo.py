@@ -152,7 +152,7 @@ PRESETS: dict[str, dict] = {
     "llama2-ppo": {},  # the paper's, for 7B and 13B
     "llama2-ppo-70b": {"beta": 0.005},  # the paper's for 34B and 70B
     # The bundled demo model, in seconds on a CPU (a larger step and a short answer).
-    "demo": {"iterations": 8, "batch_size": 64, "minibatch_size": 16, "k": 4, "lr": 2e-4,
+    "demo": {"iterations": 8, "batch_size": 32, "minibatch_size": 8, "k": 4, "lr": 5e-4,
              "eval_every": 1, "generation": {"max_tokens": 12}, "lora": {"rank": 4}},
 }
 

@@ -148,7 +148,7 @@ class _Run:
                 result.history.append(rec)
                 self.metrics.write("ppo", it, **{k: v for k, v in rec.items() if k != "iteration"},
                                    lr=config.lr)
-                bar.log(f"iteration {it}: reward {rec['reward']:.4f}, KL {rec['kl']:.4f}, loss "
+                self._line(bar, f"iteration {it}: reward {rec['reward']:.4f}, KL {rec['kl']:.4f}, loss "
                         f"{rec['loss']:.4f}, clipped {rec['clip_fraction']:.1%} "
                         f"({rec['seconds']:.1f}s)")
                 if it % config.eval_every == 0 or it == config.iterations:
@@ -162,13 +162,17 @@ class _Run:
                     break
         return result
 
+    def _line(self, bar, message: str) -> None:
+        """A log line: above the progress bar when shown, else to ``log``."""
+        (bar.log if self.config.progress else self.say)(message)
+
     def _evaluate(self, it: int, eval_prompts, bar) -> None:
         config, result = self.config, self.result
         rec = evaluate_heldout(self.policy, self.tokenizer, self.reward, *eval_prompts, config,
                                it, self.start)
         result.evals.append(rec)
         self.metrics.write("eval", it, **{k: v for k, v in rec.items() if k != "iteration"})
-        bar.log(f"held-out after iteration {it}: mean reward {rec['eval_reward']:.4f}, "
+        self._line(bar, f"held-out after iteration {it}: mean reward {rec['eval_reward']:.4f}, "
                 f"KL {rec['eval_kl']:.4f}")
         if self.best is None or rec["eval_reward"] > self.best["eval_reward"]:
             self.best, self.bad_evals = rec, 0

@@ -1,0 +1,135 @@
+"""The light PPO (§3.2.3) on the bundled demo model: with a rule-based reward (short
+answers) the held-out mean reward rises within a few iterations while the KL to pi_0
+stays bounded; the reference policy is the policy's own weights with the adapters off;
+exact resume, early stopping, the folder's files; the paper's numbers as the preset."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from llama2_mlx.demo import default_model_path
+from llama2_mlx.demo.tasks import make_examples, to_messages
+from llama2_mlx.errors import Llama2Error
+from llama2_mlx.rlhf.ppo import PPOConfig, iteration_prompts, preset_config
+from llama2_mlx.rlhf.ppo_run import ppo
+from llama2_mlx.training.metrics import read_metrics
+
+MAX_WORDS = 4
+
+
+def short_answers(prompt, answers, is_safety_prompt):
+    """A rule-based R_c: the probability falls with the answer's word count past 4."""
+    return [float(1 / (1 + np.exp(len(a.split()) - MAX_WORDS))) for a in answers]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from llama2_mlx.checkpoints.shared import SharedBase
+
+    # float32: bf16 logits would add rounding noise to the small log-ratios of the KL.
+    return SharedBase.load(default_model_path(), "float32")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    qs = [to_messages(e)[:-1] for t in ("spell", "reverse")
+          for e in make_examples(t, 40, 0, "train", unique=True)]
+    return qs[:24] + qs[40:64], qs[24:40] + qs[64:80]  # training prompts, held-out prompts
+
+
+def config(**over) -> PPOConfig:
+    return preset_config("demo", **{"iterations": 4, "progress": False, **over})
+
+
+def test_the_paper_numbers_are_the_defaults_and_the_presets():
+    c = PPOConfig()
+    assert (c.batch_size, c.minibatch_size, c.ppo_clip, c.lr, c.beta) == (512, 64, 0.2, 1e-6, 0.01)
+    assert (c.betas, c.eps, c.weight_decay, c.grad_clip) == ((0.9, 0.95), 1e-5, 0.1, 1.0)
+    assert c.settings() == preset_config("llama2-ppo").settings()
+    assert preset_config("llama2-ppo-70b").beta == 0.005
+    assert preset_config("demo", lr=1e-3).lr == 1e-3
+    opt = __import__("llama2_mlx.rlhf.ppo", fromlist=["x"]).make_ppo_optimizer(c)
+    assert (opt.betas, opt.eps, opt.weight_decay) == ([0.9, 0.95], 1e-5, 0.1)
+    assert opt.learning_rate.item() == pytest.approx(1e-6)
+
+
+@pytest.mark.parametrize("over, msg", [
+    ({"k": 1}, "k must be at least 2"), ({"batch_size": 30}, "not a multiple of k"),
+    ({"minibatch_size": 64}, "minibatch_size 64 is above batch_size 32"),
+    ({"ppo_clip": 1.0}, r"ppo_clip must be in \(0, 1\)"), ({"beta": -0.1}, "beta must be at least 0"),
+    ({"generation": {"temp": 0.0}}, "temp must be above 0"),
+])
+def test_bad_settings_are_one_line_errors_naming_the_option(over, msg):
+    with pytest.raises(Llama2Error, match=msg):
+        config(**over)
+
+
+def test_iteration_prompts_walk_through_shuffled_epochs():
+    seen = [i for it in (1, 2, 3) for i in iteration_prompts(6, 4, seed=0, iteration=it)]
+    assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:12]) == list(range(6))
+    assert iteration_prompts(6, 4, 0, 2) == iteration_prompts(6, 4, 0, 2)
+
+
+def test_held_out_reward_rises_while_the_kl_stays_bounded(base, prompts, tmp_path):
+    train, held = prompts
+    policy, tok = base.policy()
+    result = ppo(policy, tok, short_answers, train, tmp_path / "run", config(), eval_prompts=held,
+                 log=lambda s: None)
+    rewards = [e["eval_reward"] for e in result.evals]
+    kls = [e["eval_kl"] for e in result.evals]
+    assert [e["iteration"] for e in result.evals] == [0, 1, 2, 3, 4]
+    assert kls[0] == 0.0  # pi_0 is the starting policy (its adapters off; lora_b still zero)
+    assert rewards[-1] > rewards[0] + 0.05, rewards
+    assert 0 < kls[-1] < 2.0, kls  # measured 0.73 nats per answer at iteration 4
+    assert len(result.history) == 4 and all(h["steps"] == 4 for h in result.history)
+    # The folder: adapters for `generate --adapter-path`, the best held-out ones, metrics.
+    out = tmp_path / "run"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["iteration"] == 4 and cfg["lora_parameters"]["rank"] == 4
+    assert json.loads((out / "best" / "adapter_config.json").read_text())["iteration"] == 4
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "ppo"] == [1, 2, 3, 4]
+    assert [r["eval_reward"] for r in recs if r["kind"] == "eval"] == rewards
+    from llama2_mlx.models.lora import load_adapters
+
+    again, _ = base.policy()
+    load_adapters(again, out)
+    ids = mx.array([tok.encode_chat(held[0])])
+    np.testing.assert_allclose(np.array(again(ids)), np.array(policy(ids)), atol=1e-5)
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_one(base, prompts, tmp_path):
+    train, held = prompts
+    run = lambda out, n, **kw: ppo(base.policy()[0], base.tokenizer, short_answers, train, out,
+                                   config(iterations=n, eval_every=2), eval_prompts=held[:8],
+                                   log=lambda s: None, **kw)
+    straight = run(tmp_path / "a", 3)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 3, resume=True)
+    assert resumed.resumed_from == 2
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+    assert strip(resumed.history) == strip(straight.history) and resumed.evals == straight.evals
+    assert (tmp_path / "a" / "adapters.safetensors").read_bytes() == \
+        (tmp_path / "b" / "adapters.safetensors").read_bytes()
+    assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == \
+        strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    # Other settings are refused; a finished folder is refused without --resume/--overwrite.
+    with pytest.raises(Llama2Error, match="beta"):
+        ppo(base.policy()[0], base.tokenizer, short_answers, train, tmp_path / "b",
+            config(iterations=3, eval_every=2, beta=0.5), eval_prompts=held[:8], resume=True)
+    with pytest.raises(Llama2Error, match="overwrite"):
+        run(tmp_path / "b", 3)
+
+
+def test_early_stop_on_the_held_out_kl(base, prompts, tmp_path):
+    train, held = prompts
+    result = ppo(base.policy()[0], base.tokenizer, short_answers, train, tmp_path / "s",
+                 config(iterations=6, kl_stop=0.01), eval_prompts=held[:8], log=lambda s: None)
+    assert result.stopped is not None and "kl_stop" in result.stopped
+    assert len(result.history) < 6 and result.evals[-1]["eval_kl"] > 0.01
+    state = json.loads(next((tmp_path / "s" / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["stopped"] == result.stopped
