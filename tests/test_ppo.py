@@ -133,3 +133,69 @@ def test_early_stop_on_the_held_out_kl(base, prompts, tmp_path):
     assert len(result.history) < 6 and result.evals[-1]["eval_kl"] > 0.01
     state = json.loads(next((tmp_path / "s" / "checkpoints").glob("step_*/state.json")).read_text())
     assert state["stopped"] == result.stopped
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def demo_reward_model(tmp_path_factory):
+    from llama2_mlx.checkpoints.load import load
+    from llama2_mlx.models.lora import LoRAConfig, apply_lora
+    from llama2_mlx.rlhf.reward_model import RewardModel, save_reward_model
+
+    mx.random.seed(0)
+    rm = RewardModel.from_policy(load(default_model_path())[0])
+    lora = LoRAConfig(rank=2)
+    apply_lora(rm, lora)
+    return save_reward_model(rm, tmp_path_factory.mktemp("ppo") / "rm",
+                             base_model=default_model_path(), lora_config=lora)
+
+
+def test_ppo_cli_on_the_demo_model(tmp_path, prompts, demo_reward_model):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    runner = CliRunner()
+    train, held = prompts
+    files = {}
+    for name, ps in (("train", train[:8]), ("held", held[:4])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"messages": p}) + "\n" for p in ps))
+    out = tmp_path / "out"
+    args = ["ppo", "--model", str(default_model_path()), "--reward-model", str(demo_reward_model),
+            "--prompts", str(files["train"]), "--eval-prompts", str(files["held"]),
+            "--out", str(out), "--preset", "demo", "--iterations", "2", "--batch-size", "8",
+            "--minibatch-size", "4", "--max-tokens", "6", "--no-progress"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "shares the policy's base weights" in r.stderr
+    assert r.stdout.splitlines()[0].startswith("iteration 0: held-out mean reward")
+    assert len(r.stdout.splitlines()) == 3 and "iteration 2:" in r.stdout
+    assert (out / "adapters.safetensors").exists() and (out / "best" / "adapter_config.json").exists()
+    settings = json.loads((out / "ppo.json").read_text())
+    assert (settings["beta"], settings["ppo_clip"], settings["eps"]) == (0.01, 0.2, 1e-5)
+    # `generate --adapter-path OUT` uses the adapters.
+    g = runner.invoke(app, ["generate", "--model", str(default_model_path()), "--adapter-path",
+                            str(out), "--prompt", "Spell the word cat.", "--max-tokens", "4"])
+    assert g.exit_code == 0, g.output
+    # Continued with more iterations; refused without --resume or --overwrite.
+    more = list(args)
+    more[more.index("--iterations") + 1] = "3"
+    r = runner.invoke(app, more + ["--resume"])
+    assert r.exit_code == 0 and "resuming" in r.stderr and "iteration 3:" in r.stdout, r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--overwrite" in r.stderr
+    # Bad input: one error line naming the option or the file, exit 2.
+    for extra, message in [(["-k", "1"], "error: -k must be at least 2"),
+                           (["--batch-size", "10"], "error: --batch-size 10 is not a multiple of --k 4"),
+                           (["--ppo-clip", "1.5"], "error: --ppo-clip must be in (0, 1)"),
+                           (["--preset", "nope"], None)]:
+        r = runner.invoke(app, args + extra + ["--overwrite"])
+        assert r.exit_code == 2, (extra, r.output)
+        if message is not None:
+            assert r.stderr.startswith(message) and r.stderr.count("\n") == 1, r.stderr
+    missing = tmp_path / "missing.jsonl"
+    r = runner.invoke(app, [*args[:6], str(missing), *args[7:], "--overwrite"])
+    assert r.exit_code == 2 and str(missing) in r.stderr and r.stderr.count("\n") == 1, r.stderr
