@@ -52,7 +52,7 @@ def ppo(
     lr: Optional[float] = _f("lr"),
     weight_decay: Optional[float] = _f("weight_decay"),
     grad_clip: Optional[float] = _f("grad_clip"),
-    eval_every: Optional[int] = _f("eval_every"),
+    val_every: Optional[int] = _f("val_every"),
     eval_k: Optional[int] = _f("eval_k"),
     patience: Optional[int] = _f("patience"),
     kl_stop: Optional[float] = _f("kl_stop"),
@@ -78,7 +78,7 @@ def ppo(
 
     options = given(iterations=iterations, batch_size=batch_size, minibatch_size=minibatch_size,
                     micro_batch_size=micro_batch_size, k=k, beta=beta, ppo_clip=ppo_clip, lr=lr,
-                    weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+                    weight_decay=weight_decay, grad_clip=grad_clip, val_every=val_every,
                     eval_k=eval_k, patience=patience, kl_stop=kl_stop, save_every=save_every,
                     seed=seed)
     generation = given(temp=temp, max_tokens=max_tokens)

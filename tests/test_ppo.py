@@ -105,7 +105,7 @@ def test_held_out_reward_rises_while_the_kl_stays_bounded(base, prompts, tmp_pat
 def test_a_resumed_run_repeats_the_uninterrupted_one(base, prompts, tmp_path):
     train, held = prompts
     run = lambda out, n, **kw: ppo(base.policy()[0], base.tokenizer, short_answers, train, out,
-                                   config(iterations=n, eval_every=2), eval_prompts=held[:8],
+                                   config(iterations=n, val_every=2), eval_prompts=held[:8],
                                    log=lambda s: None, **kw)
     straight = run(tmp_path / "a", 3)
     run(tmp_path / "b", 2)
@@ -120,7 +120,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_one(base, prompts, tmp_path):
     # Other settings are refused; a finished folder is refused without --resume/--overwrite.
     with pytest.raises(Llama2Error, match="beta"):
         ppo(base.policy()[0], base.tokenizer, short_answers, train, tmp_path / "b",
-            config(iterations=3, eval_every=2, beta=0.5), eval_prompts=held[:8], resume=True)
+            config(iterations=3, val_every=2, beta=0.5), eval_prompts=held[:8], resume=True)
     with pytest.raises(Llama2Error, match="overwrite"):
         run(tmp_path / "b", 3)
 

@@ -16,7 +16,7 @@ The departure from the paper: the paper trains a value model for its advantages;
 an answer's advantage is its reward minus the mean reward of the prompt's other K - 1
 answers (a leave-one-out group baseline), so there is no value model to train or hold.
 
-Held-out prompts: every ``eval_every`` iterations (and at the start and the end), the
+Held-out prompts: every ``val_every`` iterations (and at the start and the end), the
 mean reward and KL of ``eval_k`` sampled answers per prompt (the same seeds each time);
 early stopping on them (``patience``, ``kl_stop``); ``best/`` keeps the adapters of the
 best held-out reward. Checkpoints (LoRA matrices, optimizer state, iteration, history)
@@ -97,7 +97,7 @@ class PPOConfig:
     eps: float = field(default=1e-5, metadata={"above": 0})
     grad_clip: float = field(default=1.0, metadata={
         "help": "Clip gradients at this global norm (0: off).", "min": 0})
-    eval_every: int = field(default=10, metadata={
+    val_every: int = field(default=10, metadata={
         "help": "Held-out mean reward and KL every N iterations.", "min": 1})
     eval_k: Optional[int] = field(default=None, metadata={
         "help": "Answers sampled per held-out prompt (default: -k).", "min": 1})
@@ -153,7 +153,7 @@ PRESETS: dict[str, dict] = {
     "llama2-ppo-70b": {"beta": 0.005},  # the paper's for 34B and 70B
     # The bundled demo model, in seconds on a CPU (a larger step and a short answer).
     "demo": {"iterations": 8, "batch_size": 32, "minibatch_size": 8, "k": 4, "lr": 5e-4,
-             "eval_every": 1, "generation": {"max_tokens": 12}, "lora": {"rank": 4}},
+             "val_every": 1, "generation": {"max_tokens": 12}, "lora": {"rank": 4}},
 }
 
 

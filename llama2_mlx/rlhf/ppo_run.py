@@ -151,7 +151,7 @@ class _Run:
                 self._line(bar, f"iteration {it}: reward {rec['reward']:.4f}, KL {rec['kl']:.4f}, loss "
                         f"{rec['loss']:.4f}, clipped {rec['clip_fraction']:.1%} "
                         f"({rec['seconds']:.1f}s)")
-                if it % config.eval_every == 0 or it == config.iterations:
+                if it % config.val_every == 0 or it == config.iterations:
                     self._evaluate(it, eval_prompts, bar)
                 bar.update(it, reward=f"{rec['reward']:.3f}", kl=f"{rec['kl']:.3f}")
                 self.done = it
