@@ -229,3 +229,17 @@ def test_a_longer_run_keeps_raising_the_held_out_reward(base, prompts, tmp_path)
     rewards = [e["eval_reward"] for e in result.evals]
     assert rewards == sorted(rewards) and rewards[-1] > rewards[0] + 0.15, rewards
     assert result.evals[-1]["eval_kl"] < 8.0  # measured 4.1 nats an answer (beta 0.01)
+
+
+def test_micro_batches_sum_to_the_minibatch_gradient(base, prompts, tmp_path):
+    from llama2_mlx.formats.safetensors import read_safetensors
+
+    train, held = prompts
+    for name, micro in (("whole", None), ("micro", 3)):
+        ppo(base.policy()[0], base.tokenizer, short_answers, train, tmp_path / name,
+            config(iterations=1, micro_batch_size=micro), eval_prompts=held[:4],
+            log=lambda s: None)
+    a, b = (read_safetensors(tmp_path / n / "adapters.safetensors") for n in ("whole", "micro"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), atol=2e-5)
