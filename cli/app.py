@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app) and owns its commands.
-COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.gatt", "cli.demo",
+COMMAND_MODULES = ["cli.generate", "cli.convert", "cli.train", "cli.fuse", "cli.rlhf", "cli.ppo", "cli.gatt", "cli.demo",
                    "cli.env", "cli.eval", "cli.serve", "cli.plot"]
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -19,6 +19,7 @@ from cli.options import shown
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig
 from llama2_mlx.models.lora import LoRAConfig
+from llama2_mlx.rlhf.ppo import PPOConfig
 from llama2_mlx.rlhf.rejection import RSConfig
 from llama2_mlx.rlhf.reward import RewardTrainConfig
 from llama2_mlx.rlhf.rs_loop import RSLoopConfig
@@ -39,6 +40,11 @@ COMMANDS = {
                 {"k", "temp", "top_p", "top_k", "max_tokens", "lr", "progress"}),
     "rejection-sample": ((RSConfig(),), set(), {"k", "temp", "top_p", "top_k", "max_tokens",
                                                 "seed"}),
+    # The paper's PPO settings (the llama2-ppo preset); the policy's adapters are not its own.
+    "ppo": ((PPOConfig(),), {"adapter_path"}, {"iterations", "batch_size", "minibatch_size", "k",
+                                               "beta", "ppo_clip", "lr", "weight_decay",
+                                               "grad_clip", "temp", "max_tokens", "rank",
+                                               "seed", "kl_stop", "patience"}),
     "generate": ((GenerationConfig(),), set(), SAMPLING),
     # chat's answers may be longer; its stop strings are the chat tags.
     "chat": ((GenerationConfig(max_tokens=512),), set(), SAMPLING - {"stop"}),

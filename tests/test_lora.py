@@ -201,3 +201,30 @@ def test_bad_adapter_files_are_one_line_errors(tmp_path):
     (tmp_path / "adapters.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
     with pytest.raises(Llama2Error, match="adapters.safetensors: truncated or corrupt"):
         load_adapters(make_model(), tmp_path)
+
+
+def test_disabled_adapters_compute_the_base_alone_and_come_back_on_exit():
+    from llama2_mlx.models.lora import disabled_adapters, twin
+
+    base = make_model()
+    ref = np.array(base(TOKENS))
+    model = apply_lora(twin(base), LoRAConfig(rank=4))
+    for _, layer in lora_layers(model):  # a trained update: the policy differs from its base
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape)
+    adapted = np.array(model(TOKENS))
+    assert np.abs(adapted - ref).max() > 1e-2
+    with disabled_adapters(model) as m:
+        assert m is model
+        np.testing.assert_array_equal(np.array(model(TOKENS)), ref)
+        assert set(adapter_weights(model)) and all(mx.any(layer.lora_b).item()
+                                                    for _, layer in lora_layers(model))
+    np.testing.assert_array_equal(np.array(model(TOKENS)), adapted)
+    with pytest.raises(RuntimeError):  # enabled again however the block ends
+        with disabled_adapters(model):
+            raise RuntimeError("boom")
+    np.testing.assert_array_equal(np.array(model(TOKENS)), adapted)
+    # The flag is the twin's own: a second policy on the same base is not switched off.
+    other = twin(model)
+    with disabled_adapters(model):
+        np.testing.assert_array_equal(np.array(other(TOKENS)), adapted)
+    assert "enabled" not in dict(tree_flatten(model.parameters()))

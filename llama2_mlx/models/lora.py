@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -85,9 +87,12 @@ class LoRALinear(nn.Module):
         bound = 1 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
+        self.enabled = True  # False: the base layer alone (``disabled_adapters``)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
+        if not getattr(self, "enabled", True):
+            return y
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         return y + (self.scale * z).astype(x.dtype)
 
@@ -172,6 +177,23 @@ def twin(module: nn.Module) -> nn.Module:
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """(name, layer) for every LoRA layer in ``model``."""
     return [(k, m) for k, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` computing its base alone inside the block: every LoRA layer returns its
+    base layer's output (the update skipped, not zeroed), and is enabled again on exit,
+    however the block ends. PPO's reference policy pi_0 is the policy so, on the same
+    weights: no second copy of the model. The LoRA matrices themselves are untouched."""
+    layers = [m for _, m in lora_layers(model)]
+    before = [getattr(m, "enabled", True) for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, on in zip(layers, before):
+            m.enabled = on
 
 
 def train_lora_only(model: nn.Module) -> nn.Module:

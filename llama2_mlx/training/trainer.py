@@ -198,7 +198,9 @@ def set_grad_checkpoint(model: nn.Module, on: bool = True) -> None:
             m.checkpoint_blocks = on
 
 
-def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict) -> None:
+def restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict) -> None:
+    """Set ``optimizer``'s state for ``model``'s trainable parameters from a checkpoint's
+    flat optimizer state (``load_checkpoint``)."""
     optimizer.init(model.trainable_parameters())
 
     def pick(path, value):
@@ -310,7 +312,7 @@ class _Run:
             self.world, lambda: load_checkpoint(ckpt_dir, say=self.say))
         self._check_checkpoint(path, params, state)
         self.model.load_weights(list(params.items()), strict=False)
-        _restore_optimizer(self.optimizer, self.model, opt_state)
+        restore_optimizer(self.optimizer, self.model, opt_state)
         start = state["step"]
         result.train_losses = [tuple(x) for x in state.get("train_losses", [])]
         result.learning_rates = [tuple(x) for x in state.get("learning_rates", [])]
