@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from llama2_mlx.chat.records import cut_answer  # noqa: E402
 from llama2_mlx.demo import default_model_path  # noqa: E402
-from llama2_mlx.demo import skills as S  # noqa: E402
+from llama2_mlx.demo import dialogs as S  # noqa: E402
 from llama2_mlx.demo import tasks as T  # noqa: E402
 
 INSTRUCTION = S.INSTRUCTIONS[0]

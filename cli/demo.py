@@ -115,7 +115,7 @@ def dialogs(
     seed: SeedOpt = 0,
 ) -> None:
     """Write multi-turn dialogs (user turns only) of the demo tasks' questions for gatt."""
-    from llama2_mlx.demo.skills import DIALOG_NAMES, parse_turns, write_dialogs
+    from llama2_mlx.demo.dialogs import DIALOG_NAMES, parse_turns, write_dialogs
 
     count = write_dialogs(out, _names(tasks, DIALOG_NAMES), n, split=split, seed=seed,
                           turns=parse_turns(turns), instructions_out=instructions_out)

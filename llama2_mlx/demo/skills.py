@@ -15,8 +15,7 @@ Every function here takes the name of a skill or of a bundled task
   the valid split from held-out questions;
 * ``write_prompts``: prompts for ``rejection-sample``, ``rs-loop`` and ``ppo`` (the
   prompts of chosen tasks flagged ``"safety": true``, a stand-in for safety prompts);
-* ``dialogs`` / ``write_dialogs``: multi-turn dialogs (user turns) for ``gatt``, and its
-  instructions file (``INSTRUCTIONS``);
+* (``llama2_mlx.demo.dialogs``: multi-turn dialogs of these questions for ``gatt``);
 * ``evaluate``: greedy accuracy (``batch_generate``, exact match after strip);
 * ``check_file``: the checked accuracy of the answers in a JSONL file.
 """
@@ -31,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from llama2_mlx.demo import tasks as T
 from llama2_mlx.errors import Llama2Error, OptionError, OptionText
-from llama2_mlx.io.atomic import atomic_file, write_jsonl_atomic
+from llama2_mlx.io.atomic import write_jsonl_atomic
 
 # ----------------------------------------------------------------------------- skills
 
@@ -362,7 +361,7 @@ def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
     names = [check_name(x) for x in names]
     if not names:
         raise Llama2Error("no skills or tasks to write prompts for")
-    _check_split(split)
+    check_split(split)
     stray = [x for x in safety_tasks if x not in names]
     if stray:
         raise OptionError("{safety_tasks} must name tasks that prompts are written for ({names}), "
@@ -373,65 +372,11 @@ def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
     return len(records)
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+    """An ``OptionError`` unless ``split`` is one of ``tasks.SPLITS``."""
     if split not in T.SPLITS:
         raise OptionError("{split} must be one of {SPLITS}, not {got!r}",
                           SPLITS=', '.join(T.SPLITS), got=split)
-
-
-# The instruction of the GAtt demo (benchmarks/gatt_experiment.py): a rule a checker can
-# test on any answer with letters.
-INSTRUCTIONS = ("Answer in uppercase.",)
-# The tasks whose answers have letters (so that "Answer in uppercase." can be checked).
-DIALOG_NAMES = ("spell", "reverse", "capital")
-
-
-def parse_turns(text: str) -> tuple[int, int]:
-    """``"2-5"`` -> (2, 5), ``"3"`` -> (3, 3): the number of user turns of a dialog."""
-    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
-    lo, hi = (int(m[1]), int(m[2] or m[1])) if m else (0, 0)
-    if not m or not 1 <= lo <= hi:
-        raise OptionError("{turns} must be N or LO-HI with 1 <= LO <= HI, not {got!r}",
-                          got=str(text))
-    return lo, hi
-
-
-def dialogs(names: Sequence[str] = DIALOG_NAMES, n: int = 64, *, split: str = "train",
-            seed: int = 0, turns: tuple[int, int] = (2, 5)) -> list[list[str]]:
-    """``n`` dialogs of user turns: each ``turns[0]``..``turns[1]`` (uniform) distinct
-    questions of the skills or tasks of ``names`` from ``split``, mixed (deterministic in
-    ``seed``; held-out questions are distinct ones)."""
-    names = [check_name(x) for x in names]
-    if not names:
-        raise Llama2Error("no skills or tasks to make dialogs of")
-    _check_split(split)
-    lo, hi = turns
-    if n < 1 or not 1 <= lo <= hi:
-        raise OptionError("{n} must be at least 1 and {turns} 1 <= LO <= HI")
-    rng = random.Random(seed)
-    pool = list(dict.fromkeys(  # distinct questions, so that no dialog asks one twice
-        ex.question for name in names
-        for ex in examples(name, 4 * n * hi // len(names) + 8, seed, split,
-                           unique=(split == "heldout"))))
-    if len(pool) < hi:
-        raise Llama2Error(f"{', '.join(names)} ({split}): {len(pool)} questions, fewer than "
-                          f"{hi} turns")
-    return [rng.sample(pool, lo if lo == hi else rng.randint(lo, hi)) for _ in range(n)]
-
-
-def write_dialogs(out, names: Sequence[str] = DIALOG_NAMES, n: int = 64, *,
-                  split: str = "train", seed: int = 0, turns: tuple[int, int] = (2, 5),
-                  instructions_out=None) -> int:
-    """``dialogs`` as ``gatt --dialogs`` JSONL (``{"messages": [user turns]}``) in file
-    ``out``; with ``instructions_out``, ``INSTRUCTIONS`` there, one a line (``gatt
-    --instructions``). Returns the number of user turns written."""
-    ds = dialogs(names, n, split=split, seed=seed, turns=turns)
-    write_jsonl_atomic(Path(out), [{"messages": [{"role": "user", "content": q} for q in d]}
-                                   for d in ds])
-    if instructions_out is not None:
-        with atomic_file(Path(instructions_out)) as tmp:
-            Path(tmp).write_text("".join(x + "\n" for x in INSTRUCTIONS), encoding="utf-8")
-    return sum(len(d) for d in ds)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -466,7 +411,7 @@ def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
     )
 
     check_name(name)
-    _check_split(split)
+    check_split(split)
     if n < 1 or batch_size < 1:
         raise OptionError("{n} and {batch_size} must be at least 1")
     exs = examples(name, n, seed, split, unique=True)
