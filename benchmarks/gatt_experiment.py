@@ -56,10 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 from llama2_mlx.chat.records import cut_answer  # noqa: E402
 from llama2_mlx.demo import default_model_path  # noqa: E402
+from llama2_mlx.demo import dialogs as S  # noqa: E402
 from llama2_mlx.demo import tasks as T  # noqa: E402
 
-INSTRUCTION = "Answer in uppercase."
-TASKS = ("spell", "reverse", "capital")
+INSTRUCTION = S.INSTRUCTIONS[0]
+TASKS = S.DIALOG_NAMES
 TURNS = 5
 
 
@@ -103,12 +104,9 @@ def warmup_records(n: int, seed: int) -> list[dict]:
 
 
 def dialogs(n: int, split: str, seed: int, turns=None) -> list[list[str]]:
-    """``n`` dialogs of user questions from the tasks (``turns``: fixed, else 2-5)."""
-    rng = random.Random(seed)
-    pool = [ex.question for task in TASKS
-            for ex in T.make_examples(task, 4 * n * TURNS // len(TASKS) + 8, seed=seed,
-                                      split=split, unique=(split == "heldout"))]
-    return [rng.sample(pool, turns or rng.randint(2, TURNS)) for _ in range(n)]
+    """``n`` dialogs of user questions from the tasks (``turns``: fixed, else 2-5); the
+    library's ``llama2 demo dialogs``."""
+    return S.dialogs(TASKS, n, split=split, seed=seed, turns=(turns, turns) if turns else (2, TURNS))
 
 
 def rates(model_dir: Path, adapter: Path | None, eval_dialogs, where: str) -> list[float]:

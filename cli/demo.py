@@ -13,7 +13,7 @@ from cli.options import AdapterOpt, DemoModelOpt, NoProgressOpt
 
 demo_app = typer.Typer(
     help="The walkthrough's helpers for the bundled demo model: new-skill data, preference "
-         "pairs, prompts and greedy accuracy.",
+         "pairs, prompts, GAtt dialogs and greedy accuracy.",
     no_args_is_help=True,
 )
 
@@ -84,14 +84,43 @@ def prompts(
     tasks: NamesOpt = None,
     n: Annotated[int, typer.Option(help="Distinct questions per task.")] = 32,
     split: Annotated[str, typer.Option(help="Question split: heldout or train.")] = "heldout",
+    safety_tasks: Annotated[Optional[str], typer.Option(
+        help="Comma-separated tasks of --tasks whose prompts say \"safety\": true (a stand-in "
+             "for safety prompts: the gate scores them with the safety reward model).")] = None,
     seed: SeedOpt = 0,
 ) -> None:
-    """Write prompts (JSONL) for rejection-sample and rs-loop."""
+    """Write prompts (JSONL) for rejection-sample, rs-loop and ppo."""
     from llama2_mlx.demo.skills import write_prompts
     from llama2_mlx.demo.tasks import TASKS
 
-    count = write_prompts(out, _names(tasks, TASKS), n=n, seed=seed, split=split)
-    eprint(f"wrote {count} prompts to {Path(out).resolve()}")
+    safety = _names(safety_tasks, ())
+    count = write_prompts(out, _names(tasks, TASKS), n=n, seed=seed, split=split,
+                          safety_tasks=safety)
+    flagged = f" ({', '.join(safety)} marked \"safety\": true)" if safety else ""
+    eprint(f"wrote {count} prompts to {Path(out).resolve()}{flagged}")
+
+
+@cli_errors
+def dialogs(
+    out: Annotated[str, typer.Option("--out", "-o", help="Output JSONL file (gatt --dialogs).")],
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", help=f"Comma-separated bundled tasks ({_TASKS}) and/or new skills "
+                        f"({_SKILLS}); default spell, reverse, capital.")] = None,
+    n: Annotated[int, typer.Option(help="Dialogs.")] = 64,
+    turns: Annotated[str, typer.Option(help="User turns per dialog: N or LO-HI (uniform).")] = "2-5",
+    split: Annotated[str, typer.Option(help="Question split: train or heldout.")] = "train",
+    instructions_out: Annotated[Optional[str], typer.Option(
+        help="Also write the demo's instructions (\"Answer in uppercase.\"), one a line, to this "
+             "file (gatt --instructions).")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write multi-turn dialogs (user turns only) of the demo tasks' questions for gatt."""
+    from llama2_mlx.demo.dialogs import DIALOG_NAMES, parse_turns, write_dialogs
+
+    count = write_dialogs(out, _names(tasks, DIALOG_NAMES), n, split=split, seed=seed,
+                          turns=parse_turns(turns), instructions_out=instructions_out)
+    eprint(f"wrote {n} dialogs ({count} user turns) to {Path(out).resolve()}"
+           + (f"; instructions to {Path(instructions_out).resolve()}" if instructions_out else ""))
 
 
 @cli_errors
@@ -130,6 +159,6 @@ def check(
 
 def register(app: typer.Typer) -> None:
     for name, fn in (("path", path), ("data", data), ("pairs", pairs), ("prompts", prompts),
-                     ("eval", eval_), ("check", check)):
+                     ("dialogs", dialogs), ("eval", eval_), ("check", check)):
         add_command(demo_app, name, fn)
     app.add_typer(demo_app, name="demo")

@@ -186,3 +186,46 @@ def test_demo_pairs_with_a_model_shows_progress(tmp_path, model_dir):
         assert line in r.stderr, r.stderr
     r = runner.invoke(app, args + ["--no-progress"])
     assert r.exit_code == 0 and "sampling" not in r.stderr, r.stderr
+
+
+def test_safety_prompts_and_gatt_dialogs(tmp_path):
+    from llama2_mlx.demo import dialogs as D
+    from llama2_mlx.chat.records import read_flagged_prompts
+    from llama2_mlx.rlhf.gatt import read_dialogs, read_instructions
+
+    # Prompts of the --safety-tasks say "safety": true, which the RLHF commands read.
+    r = runner.invoke(app, ["demo", "prompts", "--out", str(tmp_path / "q.jsonl"), "--n", "3",
+                            "--tasks", "count,capital", "--safety-tasks", "capital"])
+    assert r.exit_code == 0 and 'wrote 6 prompts' in r.stderr and "capital marked" in r.stderr
+    records = [json.loads(x) for x in open(tmp_path / "q.jsonl")]
+    assert [x.get("safety", False) for x in records] == [False] * 3 + [True] * 3
+    assert {x["task"] for x in records if x.get("safety")} == {"capital"}
+    prompts, flags = read_flagged_prompts(tmp_path / "q.jsonl")
+    assert len(prompts) == 6 and list(flags) == [False] * 3 + [True] * 3
+    r = runner.invoke(app, ["demo", "prompts", "--out", str(tmp_path / "x.jsonl"),
+                            "--tasks", "count", "--safety-tasks", "capital"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: --safety-tasks must name"), r.stderr
+
+    # Dialogs: distinct questions of the tasks, 2-5 user turns; deterministic in the seed.
+    ds = D.dialogs(n=40, seed=3)
+    assert ds == D.dialogs(n=40, seed=3) and ds != D.dialogs(n=40, seed=4)
+    assert {len(d) for d in ds} == {2, 3, 4, 5}
+    assert all(len(set(d)) == len(d) for d in ds)
+    assert {S.task_of(q) for d in ds for q in d} == set(D.DIALOG_NAMES)
+    held = D.dialogs(["spell"], 5, split="heldout", turns=(3, 3))
+    train_q = {e.question for e in S.examples("spell", 10**4, 0, "train")}
+    assert all(len(d) == 3 and not set(d) & train_q for d in held)
+    assert D.parse_turns("2-5") == (2, 5) and D.parse_turns("3") == (3, 3)
+    for bad in ("0", "5-2", "x"):
+        with pytest.raises(Llama2Error, match="turns"):
+            D.parse_turns(bad)
+
+    # The command writes what gatt reads.
+    r = runner.invoke(app, ["demo", "dialogs", "--out", str(tmp_path / "d.jsonl"), "--n", "4",
+                            "--turns", "2-3", "--instructions-out", str(tmp_path / "i.txt")])
+    assert r.exit_code == 0 and "wrote 4 dialogs" in r.stderr, r.stderr
+    dialogs = read_dialogs(tmp_path / "d.jsonl")
+    assert len(dialogs) == 4 and all(2 <= len(d.users) <= 3 for d in dialogs)
+    assert read_instructions(tmp_path / "i.txt") == list(D.INSTRUCTIONS)
+    r = runner.invoke(app, ["demo", "dialogs", "--out", str(tmp_path / "e.jsonl"), "--turns", "5-2"])
+    assert r.exit_code == 2 and r.stderr.strip().startswith("error: --turns must be"), r.stderr

@@ -42,9 +42,9 @@ from cli.app import app
 # Option -> the value it is run with here (few steps, few questions, short answers).
 SHORTEN = {
     "--iters": "2",          # lora-train, reward-train, rs-loop fine-tunes
-    "--iterations": "1",     # rs-loop rounds
+    "--iterations": "1",     # rs-loop rounds, ppo iterations
     "-k": "2",               # samples per prompt
-    "--n": "6",              # demo data / pairs / prompts / eval questions
+    "--n": "6",              # demo data / pairs / prompts / dialogs / eval questions
     "--n-eval": "3",
     "--n-valid": "3",
     "--max-tokens": "8",
@@ -64,7 +64,8 @@ NOT_RUN: dict[str, str] = {
 PRODUCES = {
     "demo data": "--out", "demo pairs": "--out", "demo prompts": "--out",
     "lora-train": "--adapter-path", "fuse": "--out", "reward-train": "--out",
-    "rejection-sample": "--out", "rs-loop": "--out",
+    "rejection-sample": "--out", "rs-loop": "--out", "demo dialogs": "--out", "gatt": "--out",
+    "ppo": "--out",
 }
 # What a command's stdout must show.
 STDOUT = {
@@ -75,10 +76,13 @@ STDOUT = {
     "reward-eval": r"^accuracy \d",
     "rejection-sample": r"mean best reward .*\nmean median reward",
     "rs-loop": r"iteration 0 \(start\).*\niteration 1: mean best reward",
+    "ppo": r"^iteration 0: held-out mean reward \d\.\d{4}, KL -?\d\.\d{4}\n"
+           r"iteration 1: held-out mean reward",
 }
 # Every part of the walkthrough must be there.
 REQUIRED = ("generate", "chat", "demo data", "demo eval", "lora-train", "plot", "eval", "fuse",
-            "demo pairs", "reward-train", "demo prompts", "rejection-sample", "rs-loop")
+            "demo pairs", "reward-train", "reward-eval", "demo prompts", "rejection-sample",
+            "rs-loop", "demo check", "demo dialogs", "gatt", "ppo")
 # The commands that take seconds (on the bundled model alone).
 FAST = {"generate", "chat", "demo path", "demo data", "demo prompts", "demo eval"}
 # The whole run on another machine (see the module's doc).

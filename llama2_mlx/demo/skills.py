@@ -13,7 +13,9 @@ Every function here takes the name of a skill or of a bundled task
 * ``write_pairs``: ``reward-train`` preference pairs, a right answer against a wrong
   one (a model's own, ``sampled_wrong_answers``, or a made-up one, ``wrong_answer``),
   the valid split from held-out questions;
-* ``write_prompts``: prompts for ``rejection-sample`` and ``rs-loop``;
+* ``write_prompts``: prompts for ``rejection-sample``, ``rs-loop`` and ``ppo`` (the
+  prompts of chosen tasks flagged ``"safety": true``, a stand-in for safety prompts);
+* (``llama2_mlx.demo.dialogs``: multi-turn dialogs of these questions for ``gatt``);
 * ``evaluate``: greedy accuracy (``batch_generate``, exact match after strip);
 * ``check_file``: the checked accuracy of the answers in a JSONL file.
 """
@@ -350,20 +352,31 @@ def write_pairs(out, names: Sequence[str] = DEFAULT_PAIR_NAMES, *, n: int = 100,
 
 
 def write_prompts(out, names: Sequence[str], *, n: int = 32, seed: int = 0,
-                  split: str = "heldout") -> int:
+                  split: str = "heldout", safety_tasks: Sequence[str] = ()) -> int:
     """``n`` distinct questions per skill or task of ``names`` from ``split`` as JSONL
-    ``{"prompt", "task"}`` lines (the input of ``rejection-sample`` and ``rs-loop``).
-    Returns the number of prompts."""
+    ``{"prompt", "task"}`` lines (the input of ``rejection-sample``, ``rs-loop`` and
+    ``ppo``); the prompts of the skills or tasks in ``safety_tasks`` (a subset of ``names``)
+    also say ``"safety": true`` (the gate of §3.2.6 then scores them with the safety
+    reward model alone). Returns the number of prompts."""
     names = [check_name(x) for x in names]
     if not names:
         raise Llama2Error("no skills or tasks to write prompts for")
+    check_split(split)
+    stray = [x for x in safety_tasks if x not in names]
+    if stray:
+        raise OptionError("{safety_tasks} must name tasks that prompts are written for ({names}), "
+                          "not {got}", names=", ".join(names), got=", ".join(stray))
+    records = [{"prompt": e.question, "task": name, **({"safety": True} if name in safety_tasks else {})}
+               for name in names for e in examples(name, n, seed, split, unique=True)]
+    write_jsonl_atomic(Path(out), records)
+    return len(records)
+
+
+def check_split(split: str) -> None:
+    """An ``OptionError`` unless ``split`` is one of ``tasks.SPLITS``."""
     if split not in T.SPLITS:
         raise OptionError("{split} must be one of {SPLITS}, not {got!r}",
                           SPLITS=', '.join(T.SPLITS), got=split)
-    records = [{"prompt": e.question, "task": name} for name in names
-               for e in examples(name, n, seed, split, unique=True)]
-    write_jsonl_atomic(Path(out), records)
-    return len(records)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -398,9 +411,7 @@ def evaluate(model, tokenizer, name: str, *, n: int = 64, seed: int = 0,
     )
 
     check_name(name)
-    if split not in T.SPLITS:
-        raise OptionError("{split} must be one of {SPLITS}, not {got!r}",
-                          SPLITS=', '.join(T.SPLITS), got=split)
+    check_split(split)
     if n < 1 or batch_size < 1:
         raise OptionError("{n} and {batch_size} must be at least 1")
     exs = examples(name, n, seed, split, unique=True)
