@@ -70,8 +70,9 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user}]
         ids = self.tokenizer.encode_chat(messages)
         answer, strip = [], StreamStrip()
+        speculative = {"drafter": self.drafter} if self.drafter is not None else {}
         for r in stream_generate(self.model, self.tokenizer, ids, self.config, self.prompt_cache,
-                                 self.drafter):
+                                 **speculative):
             r.text = strip.add(r.text)
             answer.append(r.text)
             yield r
