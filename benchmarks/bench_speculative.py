@@ -78,21 +78,24 @@ def widened(demo, dim=768, heads=24, kv_heads=12, hidden=2048, layers=16, noise=
     return model
 
 
-def prompts(tok):
-    """(input-grounded, free-form) prompt ids in the demo's chat format."""
+def prompts(tok, answer):
+    """(input-grounded, free-form) prompt ids in the demo's chat format; ``answer(ids)``
+    is the target's own (plain, greedy) answer text, what a chat history holds."""
+    from llama2_mlx.demo.tasks import universe
+
     def chat(*turns):
         msgs = [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * 8, turns)]
         return tok.encode_chat(msgs)
 
-    spell = {w: " ".join(w) for w in ("street", "summer", "winter", "feather")}
-    back = {w: " ".join(reversed(w)) for w in ("summer", "tomato", "bottle", "street")}
-    asked = [(f"Spell the word {w}.", a) for w, a in spell.items()] + [
-        (f"Spell the word {w} backwards.", a) for w, a in back.items()]
+    words = sorted(universe().words["train"], key=lambda w: (-len(w), w))[:8]
+    asked = [f"Spell the word {w}." for w in words] + [
+        f"Spell the word {w} backwards." for w in words]
+    free = [chat(q) for q in asked]
+    answers = [answer(ids) for ids in free]
     grounded = []
-    for i, (q, a) in enumerate(asked):  # asked again, two turns later
-        other = asked[(i + 3) % len(asked)]
-        grounded.append(chat(q, a, *other, q))
-    free = [chat(q) for q, _ in asked]
+    for i, q in enumerate(asked):  # asked again, two turns later
+        j = (i + 3) % len(asked)
+        grounded.append(chat(q, answers[i], asked[j], answers[j], q))
     return {"input-grounded": grounded, "free-form": free}
 
 
@@ -153,7 +156,9 @@ def worker(args) -> None:
         "mlx-lm draft model": lambda p: (int(t) for t, _, _ in lm_spec(
             mx.array(p), lm_target, lm_draft, num_draft_tokens=K, max_tokens=M)),
     }
-    sets = prompts(tok)
+    from llama2_mlx.generation.generate import GenerationConfig, generate
+
+    sets = prompts(tok, lambda ids: generate(target, tok, ids, GenerationConfig(max_tokens=M)))
     for steps in engines.values():  # warm-up
         run(steps(sets["free-form"][0]), tok.eos_id, 4)
     results, outputs = {}, {}
@@ -181,7 +186,7 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.02,
                    help="std of the noise on the widened target's residual writes")
     p.add_argument("--num-draft-tokens", type=int, default=6)
-    p.add_argument("--ngram", type=int, default=4, help="prompt lookup's n-gram size")
+    p.add_argument("--ngram", type=int, default=8, help="prompt lookup's n-gram size")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument(WORKER, action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -77,11 +77,14 @@ class Drafter(ABC):
 
 class PromptLookupDrafter(Drafter):
     """Drafts by prompt lookup: the tokens that followed the most recent earlier
-    occurrence of the longest n-gram (``n`` tokens down to 1) that ends the sequence.
+    occurrence of the longest n-gram (``n`` tokens down to 2; down to 1 when ``n`` is 1)
+    that ends the sequence.
 
-    The n-grams are indexed incrementally as the sequence grows (a sequence that is not
-    a continuation of the last one is indexed afresh); a draft that runs into the end
-    of the sequence continues periodically (a repeated pattern).
+    A longer match is trusted with a longer draft: at most 2^(m-1) tokens for an m-gram
+    (2 for a bigram, 4 for a trigram, ...). The n-grams are indexed incrementally as the
+    sequence grows (a sequence that is not a continuation of the last one is indexed
+    afresh); a draft that runs into the end of the sequence continues periodically (a
+    repeated pattern).
     """
 
     def __init__(self, n: int):
@@ -100,24 +103,25 @@ class PromptLookupDrafter(Drafter):
                 self._index[m - 1][tuple(tokens[i - m : i])] = i
         self._seen.extend(tokens[S:])
 
-    def _match(self, tokens: Sequence[int]) -> Optional[int]:
+    def _match(self, tokens: Sequence[int]) -> tuple[Optional[int], int]:
+        """(the position after the match, its length m), (None, 0) without one."""
         self._update(tokens)
         L = len(tokens)
-        for m in range(min(self.n, L), 0, -1):
+        for m in range(min(self.n, L), min(2, self.n) - 1, -1):
             pos = self._index[m - 1].get(tuple(tokens[L - m :]))
             if pos is not None:
-                return pos
-        return None
+                return pos, m
+        return None, 0
 
     def can_draft(self, tokens: Sequence[int]) -> bool:
-        return self._match(tokens) is not None
+        return self._match(tokens)[0] is not None
 
     def draft(self, tokens, k, dist=None, processors=()):
-        pos = self._match(tokens)
+        pos, m = self._match(tokens)
         if pos is None or k < 1:
             return [], None
         L, out = len(tokens), []
-        for p in range(pos, pos + k):
+        for p in range(pos, pos + min(k, 2 ** (m - 1))):
             out.append(tokens[p] if p < L else out[p - L])
         return out, None
 
