@@ -80,22 +80,23 @@ def widened(demo, dim=768, heads=24, kv_heads=12, hidden=2048, layers=16, noise=
 
 def prompts(tok, answer):
     """(input-grounded, free-form) prompt ids in the demo's chat format; ``answer(ids)``
-    is the target's own (plain, greedy) answer text, what a chat history holds."""
+    is the target's own (plain, greedy) answer, as token ids: the history holds those
+    very tokens (the demo's answers do not always re-encode to the tokens it sampled)."""
     from llama2_mlx.demo.tasks import universe
 
-    def chat(*turns):
-        msgs = [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * 8, turns)]
-        return tok.encode_chat(msgs)
+    def turn(q):
+        return tok.encode_chat([{"role": "user", "content": q}])  # <s>[INST] q [/INST]
 
     words = sorted(universe().words["train"], key=lambda w: (-len(w), w))[:8]
     asked = [f"Spell the word {w}." for w in words] + [
         f"Spell the word {w} backwards." for w in words]
-    free = [chat(q) for q in asked]
+    free = [turn(q) for q in asked]
     answers = [answer(ids) for ids in free]
     grounded = []
     for i, q in enumerate(asked):  # asked again, two turns later
         j = (i + 3) % len(asked)
-        grounded.append(chat(q, answers[i], asked[j], answers[j], q))
+        grounded.append(free[i] + answers[i] + [tok.eos_id] + free[j] + answers[j]
+                        + [tok.eos_id] + turn(q))
     return {"input-grounded": grounded, "free-form": free}
 
 
@@ -156,9 +157,11 @@ def worker(args) -> None:
         "mlx-lm draft model": lambda p: (int(t) for t, _, _ in lm_spec(
             mx.array(p), lm_target, lm_draft, num_draft_tokens=K, max_tokens=M)),
     }
-    from llama2_mlx.generation.generate import GenerationConfig, generate
+    def answer(ids):
+        return run((t.item() for t, _ in generate_step(target, mx.array(ids), max_tokens=M)),
+                   tok.eos_id, M)[0]
 
-    sets = prompts(tok, lambda ids: generate(target, tok, ids, GenerationConfig(max_tokens=M)))
+    sets = prompts(tok, answer)
     for steps in engines.values():  # warm-up
         run(steps(sets["free-form"][0]), tok.eos_id, 4)
     results, outputs = {}, {}
@@ -188,6 +191,7 @@ def main() -> None:
     p.add_argument("--num-draft-tokens", type=int, default=6)
     p.add_argument("--ngram", type=int, default=8, help="prompt lookup's n-gram size")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--only", choices=["reference", "openblas"], help="run one BLAS config")
     p.add_argument(WORKER, action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -195,6 +199,8 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if a != WORKER]
     configs = {"reference BLAS (LLAMA2_MLX_BLAS=off)": {**os.environ, "LLAMA2_MLX_BLAS": "off"},
                "OpenBLAS": {k: v for k, v in os.environ.items() if k != "LLAMA2_MLX_BLAS"}}
+    if args.only:
+        configs = {k: v for k, v in configs.items() if args.only in k.lower()}
     for label, env in configs.items():
         out = subprocess.run([sys.executable, __file__, WORKER, *argv], env=env, check=True,
                              stdout=subprocess.PIPE, text=True).stdout

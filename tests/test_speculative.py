@@ -87,11 +87,14 @@ def assert_same_cache(a, b):
 
 def test_prompt_lookup_drafts_the_continuation_of_the_longest_recent_match():
     d = PromptLookupDrafter(3)
-    assert d.draft([1, 2, 3, 9, 2, 3, 4, 7, 2, 3], 3) == ([4, 7], None)  # latest "2 3": 2 tokens
-    assert d.draft([1, 2, 3, 4, 8, 2, 3, 5, 1, 2, 3], 3) == ([4, 8, 2], None)  # "1 2 3" longer
-    assert d.draft([5, 6, 7, 5, 6, 7], 5) == ([5, 6, 7, 5], None)  # periodic past the end
+    assert d.draft([1, 2, 3, 9, 2, 3, 4, 7, 2, 3], 3) == ([4], None)  # latest "2 3": 1 token
+    assert d.draft([1, 2, 3, 4, 8, 2, 3, 5, 1, 2, 3], 3) == ([4, 8], None)  # "1 2 3" longer
+    d = PromptLookupDrafter(4)
+    assert d.draft([5, 6, 7, 8, 5, 6, 7, 8], 5) == ([5, 6, 7, 8], None)  # periodic past the end
     assert d.draft([1, 2, 3], 4) == ([], None) and not d.can_draft([1, 2, 3])
     assert d.draft([1, 2, 3, 1], 4) == ([], None)  # a lone token is no match (n > 1)
+    assert PromptLookupDrafter(8).draft([1, 2, 3, 4, 5, 6, 9, 1, 2, 3, 4, 5, 6], 8)[0] == [
+        9, 1, 2, 3, 4, 5, 6, 9]  # a 6-gram: up to 16 tokens
     assert PromptLookupDrafter(1).draft([1, 2, 3, 1], 4) == ([2], None)
     with pytest.raises(spec.OptionError, match="prompt_lookup"):
         PromptLookupDrafter(0)

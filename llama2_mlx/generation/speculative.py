@@ -80,8 +80,8 @@ class PromptLookupDrafter(Drafter):
     occurrence of the longest n-gram (``n`` tokens down to 2; down to 1 when ``n`` is 1)
     that ends the sequence.
 
-    A longer match is trusted with a longer draft: at most 2^(m-1) tokens for an m-gram
-    (2 for a bigram, 4 for a trigram, ...). The n-grams are indexed incrementally as the
+    A longer match is trusted with a longer draft: at most 2^(m-2) tokens for an m-gram
+    (1 for a bigram, 2 for a trigram, 4 for 4 tokens, ...). The n-grams are indexed incrementally as the
     sequence grows (a sequence that is not a continuation of the last one is indexed
     afresh); a draft that runs into the end of the sequence continues periodically (a
     repeated pattern).
@@ -121,7 +121,7 @@ class PromptLookupDrafter(Drafter):
         if pos is None or k < 1:
             return [], None
         L, out = len(tokens), []
-        for p in range(pos, pos + min(k, 2 ** (m - 1))):
+        for p in range(pos, pos + min(k, 2 ** max(0, m - 2))):
             out.append(tokens[p] if p < L else out[p - L])
         return out, None
 

@@ -304,7 +304,7 @@ class Engine:
     def _solo_step(self, lane: Lane) -> None:
         run = lane.solo.run
         try:
-            token, drafted, accepted = next_token(lane.solo)
+            token, drafted, accepted = next_token(lane.solo, None if run.greedy else run.step_seed())
         except Exception:
             log.exception("speculative step failed")
             lane.solo = None

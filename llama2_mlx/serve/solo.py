@@ -54,9 +54,12 @@ def make_solo(run, kv: Optional[list], drafter: Drafter, num_draft_tokens: int) 
     return Solo(run, steps, cache, stats)
 
 
-def next_token(solo: Solo) -> tuple[int, int, int]:
+def next_token(solo: Solo, seed: Optional[int] = None) -> tuple[int, int, int]:
     """The next token, and the tokens drafted and accepted to get it (0 for a token
-    that an earlier step verified)."""
+    that an earlier step verified). ``seed`` (sampling) seeds the draws of this step:
+    other requests' steps reseed the generator in between."""
+    if seed is not None:
+        mx.random.seed(seed)
     drafted, accepted = solo.stats.drafted, solo.stats.accepted
     y, _ = next(solo.steps)
     return int(y.item()), solo.stats.drafted - drafted, solo.stats.accepted - accepted
