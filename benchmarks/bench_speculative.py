@@ -166,18 +166,20 @@ def worker(args) -> None:
         run(steps(sets["free-form"][0]), tok.eos_id, 4)
     results, outputs = {}, {}
     for set_name, ps in sets.items():
-        for name, steps in engines.items():
-            stats.drafted = stats.accepted = 0
-            n = secs = 0.0
-            outs = []
-            for p in ps:
-                out, s = run(steps(p), tok.eos_id, M)
-                outs.append(out)
-                n, secs = n + len(out) - 1, secs + s
-            results[(set_name, name)] = (n / secs if secs else 0.0,
-                                         stats.acceptance_rate if "ours" in name and stats.drafted
-                                         else None, int(n + len(ps)))
-            outputs[(set_name, name)] = outs
+        acc = {name: dict(n=0, secs=0.0, drafted=0, accepted=0, outs=[]) for name in engines}
+        for i, p in enumerate(ps):  # engines interleaved per prompt: load spikes spread out
+            for name in list(engines)[:: 1 if i % 2 == 0 else -1]:
+                stats.drafted = stats.accepted = 0
+                out, secs = run(engines[name](p), tok.eos_id, M)
+                a = acc[name]
+                a["n"], a["secs"] = a["n"] + len(out) - 1, a["secs"] + secs
+                a["drafted"], a["accepted"] = a["drafted"] + stats.drafted, a["accepted"] + stats.accepted
+                a["outs"].append(out)
+        for name, a in acc.items():
+            rate = a["accepted"] / a["drafted"] if "ours" in name and a["drafted"] else None
+            results[(set_name, name)] = (a["n"] / a["secs"] if a["secs"] else 0.0, rate,
+                                         a["n"] + len(ps), a["drafted"] if "ours" in name else None)
+            outputs[(set_name, name)] = a["outs"]
     same = {s: all(outputs[(s, e)] == outputs[(s, "ours plain")] for e in engines) for s in sets}
     print(json.dumps({"blas": str(blas.describe()), "params": num_params(target),
                       "draft_params": num_params(draft), "same": same,
@@ -209,12 +211,13 @@ def main() -> None:
         print(f"target {r['params'] / 1e6:.1f}M params float32, drafter {r['draft_params'] / 1e6:.1f}M; "
               f"greedy, max {args.max_tokens} tokens, K={args.num_draft_tokens}, noise {args.noise}; "
               f"same tokens as ours plain: {r['same']}\n")
-        print("| set | engine | tokens | decode tok/s | vs mlx-lm plain | acceptance |")
-        print("|---|---|---|---|---|---|")
-        base = {s: tps for s, e, tps, _, _ in r["results"] if e == "mlx-lm plain"}
-        for s, e, tps, acc, n in r["results"]:
+        print("| set | engine | tokens | decode tok/s | vs mlx-lm plain | drafted | acceptance |")
+        print("|---|---|---|---|---|---|---|")
+        base = {s: tps for s, e, tps, _, _, _ in r["results"] if e == "mlx-lm plain"}
+        for s, e, tps, acc, n, drafted in r["results"]:
             a = "" if acc is None else f"{100 * acc:.0f}%"
-            print(f"| {s} | {e} | {n} | {tps:.1f} | {tps / base[s]:.2f}x | {a} |")
+            d = "" if drafted is None else str(drafted)
+            print(f"| {s} | {e} | {n} | {tps:.1f} | {tps / base[s]:.2f}x | {d} | {a} |")
 
 
 if __name__ == "__main__":
