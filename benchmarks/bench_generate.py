@@ -33,13 +33,17 @@ def build_models(args):
     ours = Transformer(margs)
     ours.set_dtype(getattr(mx, args.dtype))
     mx.eval(ours.parameters())
+    return ours, mlx_lm_twin(ours)
 
+
+def mlx_lm_twin(ours):
+    """mlx-lm's ``llama`` model holding the very same arrays as our ``Transformer``."""
     from mlx_lm.models import llama
 
-    theirs = llama.Model(llama.ModelArgs.from_dict(margs.to_hf_config()))
+    theirs = llama.Model(llama.ModelArgs.from_dict(ours.args.to_hf_config()))
     theirs.load_weights(list(tree_flatten(ours.parameters())))  # shares the arrays
     mx.eval(theirs.parameters())
-    return ours, theirs
+    return theirs
 
 
 def ours_steps(model, prompt, n):

@@ -22,6 +22,7 @@ from typer.core import TyperCommand
 from llama2_mlx.errors import SEED_RANGE, Llama2Error, OptionError, OptionText, check_number
 
 DATA, LORA, TRAINING, SAMPLING = "Data", "LoRA", "Training", "Sampling"
+SPECULATIVE = "Speculative decoding"
 
 # Hidden aliases: another spelling -> (the option's name, the commands that take it; None:
 # every command that has the option). Older names of renamed options, and mlx-lm's

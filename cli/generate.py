@@ -13,9 +13,12 @@ import typer
 from cli.common import DType, add_command, cli_errors, dtype_name, eprint
 from cli.options import (
     CHAT_DEFAULTS,
+    DRAFT_MODEL,
     GEN_DEFAULTS,
     MAX_KV_SIZE,
     MIN_P,
+    NUM_DRAFT_TOKENS,
+    PROMPT_LOOKUP,
     REPETITION_PENALTY,
     SAMPLING_SEED,
     TEMP,
@@ -49,6 +52,21 @@ def _load(model: Optional[str], dtype: Optional[DType], adapter_path: Optional[s
     else:
         net, tokenizer = load(folder, dtype=dtype_name(dtype), adapter_path=adapter_path)
     return net, tokenizer, carries_chat_template(folder)
+
+
+def _drafter(config, net, dtype: Optional[DType]):
+    """The drafter of ``--prompt-lookup`` / ``--draft-model`` (None: plain decoding), checked
+    against the model before anything is generated."""
+    from llama2_mlx.generation.speculative import ModelDrafter, PromptLookupDrafter, load_draft_model
+
+    if config.prompt_lookup is not None:
+        return PromptLookupDrafter(config.prompt_lookup)
+    if config.draft_model is None:
+        return None
+    drafter = ModelDrafter(load_draft_model(config.draft_model, dtype_name(dtype)),
+                           config.prefill_step)
+    drafter.check(net)
+    return drafter
 
 
 def _parallel(config, steps=None):
@@ -120,7 +138,8 @@ def generate(
     seed: Optional[int] = SAMPLING_SEED,
     stop: Optional[list[str]] = field_option(GEN_DEFAULTS, "stop"),
     dtype: DTypeOpt = None, adapter_path: AdapterOpt = None,
-    max_kv_size: Optional[int] = MAX_KV_SIZE,
+    max_kv_size: Optional[int] = MAX_KV_SIZE, prompt_lookup: Optional[int] = PROMPT_LOOKUP,
+    draft_model: Optional[str] = DRAFT_MODEL, num_draft_tokens: Optional[int] = NUM_DRAFT_TOKENS,
 ) -> None:
     """Generate text for a prompt: the text streams to stdout, statistics to stderr. With
     several prompts (one batch) stdout gets a JSON line per prompt: its prompt and response."""
@@ -128,9 +147,14 @@ def generate(
         raise OptionError("{system} needs the chat format, not {chat}")
     config = _config(GEN_DEFAULTS, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                      min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                     max_kv_size=max_kv_size)
+                     max_kv_size=max_kv_size, prompt_lookup=prompt_lookup, draft_model=draft_model,
+                     num_draft_tokens=num_draft_tokens)
     prompts = _prompts(list(prompt or []), prompts_file, system)
     net, tokenizer, templated = _load(model, dtype, adapter_path)
+    single = len(prompts) == 1 and prompts_file is None
+    drafter = _drafter(config, net, dtype) if single else None
+    if config.speculative and not single:
+        eprint("note: speculative decoding runs one prompt at a time: the batch decodes plainly")
     raw_asked = chat is False
     if chat is None:
         chat = templated or system is not None
@@ -140,18 +164,19 @@ def generate(
         config.stop = list(config.stop) + list(SPECIAL_TAGS)  # an answer ends at a chat tag
     config = _parallel(config)
     ids = [_ids(tokenizer, p, chat, raw_asked, n) for n, p in enumerate(prompts, 1)]
-    if len(ids) == 1 and prompts_file is None:
-        _stream(net, tokenizer, ids[0], config, chat)
+    if single:
+        _stream(net, tokenizer, ids[0], config, chat, drafter)
     else:
         _batch(net, tokenizer, prompts, ids, config, chat)
 
 
-def _stream(net, tokenizer, ids, config, chat: bool) -> None:
+def _stream(net, tokenizer, ids, config, chat: bool, drafter=None) -> None:
     from llama2_mlx.generation.chat import StreamStrip, format_stats
     from llama2_mlx.generation.generate import stream_generate
 
     strip = StreamStrip() if chat else None
-    for r in _parallel(config, stream_generate(net, tokenizer, ids, config)):
+    speculative = {"drafter": drafter} if drafter is not None else {}
+    for r in _parallel(config, stream_generate(net, tokenizer, ids, config, **speculative)):
         typer.echo(strip.add(r.text) if strip else r.text, nl=False)
     typer.echo()
     eprint(format_stats(r))
@@ -186,18 +211,23 @@ def chat(
     min_p: Optional[float] = MIN_P, repetition_penalty: Optional[float] = REPETITION_PENALTY,
     seed: Optional[int] = SAMPLING_SEED, dtype: DTypeOpt = None,
     adapter_path: AdapterOpt = None, max_kv_size: Optional[int] = MAX_KV_SIZE,
+    prompt_lookup: Optional[int] = PROMPT_LOOKUP, draft_model: Optional[str] = DRAFT_MODEL,
+    num_draft_tokens: Optional[int] = NUM_DRAFT_TOKENS,
 ) -> None:
     """Interactive multi-turn chat (/help lists the commands; /quit or end of input exits)."""
     from llama2_mlx.generation.chat import CHAT_HELLO, ChatSession, chat_loop
 
     config = _config(CHAT_DEFAULTS, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                      min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                     max_kv_size=max_kv_size)
+                     max_kv_size=max_kv_size, prompt_lookup=prompt_lookup,
+                     draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     net, tokenizer, _ = _load(model, dtype, adapter_path)
+    drafter = _drafter(config, net, dtype)
     config = _parallel(config)
     eprint(CHAT_HELLO)
     write = lambda text: typer.echo(text, nl=False)  # noqa: E731
-    chat_loop(ChatSession(net, tokenizer, config, system), _read_turn, write, eprint)
+    session = ChatSession(net, tokenizer, config, system, drafter=drafter)
+    chat_loop(session, _read_turn, write, eprint)
 
 
 def register(app: typer.Typer) -> None:

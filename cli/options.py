@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import DATA, LORA, SAMPLING, TRAINING, DType
+from cli.common import DATA, LORA, SAMPLING, SPECULATIVE, TRAINING, DType
 from llama2_mlx.generation.generate import GenerationConfig
 from llama2_mlx.models.lora import LoRAConfig
 from llama2_mlx.rlhf.rejection import RSConfig
@@ -103,6 +103,9 @@ MIN_P = field_option(GEN_DEFAULTS, "min_p")
 REPETITION_PENALTY = field_option(GEN_DEFAULTS, "repetition_penalty")
 SAMPLING_SEED = field_option(GEN_DEFAULTS, "seed")
 MAX_KV_SIZE = field_option(GEN_DEFAULTS, "max_kv_size")
+PROMPT_LOOKUP = field_option(GEN_DEFAULTS, "prompt_lookup", panel=SPECULATIVE)
+DRAFT_MODEL = field_option(GEN_DEFAULTS, "draft_model", panel=SPECULATIVE)
+NUM_DRAFT_TOKENS = field_option(GEN_DEFAULTS, "num_draft_tokens", panel=SPECULATIVE)
 RS_K = field_option(RS_DEFAULTS, "k", "-k", "--k")
 RS_TEMP = field_option(RS_DEFAULTS.generation, "temp")
 RS_TOP_P = field_option(RS_DEFAULTS.generation, "top_p")

@@ -7,8 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import DType, add_command, cli_errors, dtype_name, eprint
+from cli.options import field_help
+from llama2_mlx.generation.generate import GenerationConfig
 
-_MODELS, _LIMITS = "Models", "Limits"
+_MODELS, _LIMITS, _SPEC = "Models", "Limits", "Speculative decoding (requests of one sequence)"
 
 
 @cli_errors
@@ -44,6 +46,14 @@ def serve(
     max_concurrency: Annotated[int, typer.Option(
         help="Most sequences decoding at once as one batch (a request takes n or best_of; "
         "the rest wait).", rich_help_panel=_LIMITS)] = 16,
+    prompt_lookup: Annotated[Optional[int], typer.Option(
+        help=field_help(GenerationConfig, "prompt_lookup") + " Applies to a request of one "
+        "sequence without logprobs while no other is decoding.", rich_help_panel=_SPEC)] = None,
+    draft_model: Annotated[Optional[str], typer.Option(
+        help=field_help(GenerationConfig, "draft_model"), rich_help_panel=_SPEC)] = None,
+    num_draft_tokens: Annotated[int, typer.Option(
+        help=field_help(GenerationConfig, "num_draft_tokens"), rich_help_panel=_SPEC)] =
+        GenerationConfig.num_draft_tokens,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and completions, streaming,
     n, best_of, logprobs); prints its URL on stderr when ready, stops on SIGTERM or Ctrl-C."""
@@ -53,7 +63,8 @@ def serve(
         model=model, adapter_path=adapter_path, adapters=parse_adapter_specs(adapters),
         reward_model=reward_model, safety_reward_model=safety_reward_model, dtype=dtype_name(dtype), host=host, port=port,
         api_key=api_key, max_kv_size=max_kv_size, prompt_cache_bytes=prompt_cache_bytes,
-        max_concurrency=max_concurrency,
+        max_concurrency=max_concurrency, prompt_lookup=prompt_lookup, draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
     )
     config.check()  # before the (slow) model load
     run(config, eprint)

@@ -512,3 +512,37 @@ def test_serve_cli_port_in_use_is_one_line(demo_server):
     r = runner.invoke(app, ["serve", "--port", port])
     assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith(
         f"error: cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("spec", [["--prompt-lookup", "3"], ["--draft-model", "MODEL_DIR"]])
+def test_speculative_decoding_answers_exactly_as_plain_decoding(random_server, model_dir, spec):
+    """``--prompt-lookup`` / ``--draft-model``: a lone request decodes speculatively, with
+    the plain server's greedy answers (streamed or not, chat and completions); requests
+    that overlap it decode in the batch, with their answers too."""
+    spec = [str(model_dir) if a == "MODEL_DIR" else a for a in spec]
+    proc, url, lines = start_server(["--model", str(model_dir), *spec])
+    try:
+        prompts = ["the fox the fox the fox the fox", "one two three one two three one two",
+                   "hello"]
+        plain, fast = client(random_server[0], KEY), client(url)
+        for p in prompts:
+            args = dict(model=str(model_dir), prompt=p, temperature=0, max_tokens=32)
+            want = plain.completions.create(**args).choices[0].text
+            assert fast.completions.create(**args).choices[0].text == want
+            streamed = fast.completions.create(**args, stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == want
+            chat = dict(model=str(model_dir), messages=user(p), temperature=0, max_tokens=16)
+            want = plain.chat.completions.create(**chat).choices[0].message.content
+            assert fast.chat.completions.create(**chat).choices[0].message.content == want
+        stats = health(url)
+        assert stats["drafted_tokens"] > 0 and stats["accepted_tokens"] > 0, stats
+        with ThreadPoolExecutor(4) as pool:  # overlapping: one solo, the others batched
+            got = list(pool.map(lambda i: fast.completions.create(
+                model=str(model_dir), prompt=prompts[i % 3], temperature=0,
+                max_tokens=24).choices[0].text, range(6)))
+        want = [plain.completions.create(model=str(model_dir), prompt=p, temperature=0,
+                                         max_tokens=24).choices[0].text for p in prompts]
+        assert got == want * 2
+    finally:
+        assert stop_server(proc) == 0
+    assert "Traceback" not in "".join(lines)

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Optional
 from llama2_mlx.chat.tokenizer import SPECIAL_TAGS
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.generation.generate import GenerationConfig, Response, stream_generate
+from llama2_mlx.generation.speculative import Drafter, make_drafter
 from llama2_mlx.models.cache import PromptCache
 
 
@@ -43,13 +44,18 @@ class ChatSession:
     Generation also stops at the chat-format tags (``records.cut_answer``'s default
     stops: an answer holding one could not be encoded in the next turn). Answers are
     stripped (``StreamStrip``), as the format encodes them.
+
+    With speculative decoding (``drafter``, else the config's ``prompt_lookup`` or
+    ``draft_model``) one drafter serves every turn: a draft model's cache keeps the dialog.
     """
 
     def __init__(self, model, tokenizer, config: Optional[GenerationConfig] = None,
-                 system: Optional[str] = None, reuse_cache: bool = True):
+                 system: Optional[str] = None, reuse_cache: bool = True,
+                 drafter: Optional[Drafter] = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
         config = config or GenerationConfig()
         self.config = dataclasses.replace(config, stop=list(config.stop) + list(SPECIAL_TAGS))
+        self.drafter = drafter if drafter is not None else make_drafter(config)
         self.prompt_cache = PromptCache(model) if reuse_cache and config.max_kv_size is None else None
         self.reset()
 
@@ -64,7 +70,9 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user}]
         ids = self.tokenizer.encode_chat(messages)
         answer, strip = [], StreamStrip()
-        for r in stream_generate(self.model, self.tokenizer, ids, self.config, self.prompt_cache):
+        speculative = {"drafter": self.drafter} if self.drafter is not None else {}
+        for r in stream_generate(self.model, self.tokenizer, ids, self.config, self.prompt_cache,
+                                 **speculative):
             r.text = strip.add(r.text)
             answer.append(r.text)
             yield r
@@ -122,6 +130,8 @@ def format_stats(r: Response) -> str:
         + (f" ({r.cached_tokens} from the cache)" if r.cached_tokens else "")
         + f", {r.prompt_tps:.2f} tok/s\n"
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tok/s\n"
-        f"peak memory: {r.peak_memory:.3f} GB\n"
+        + (f"speculative: {r.accepted_tokens} of {r.drafted_tokens} drafted tokens accepted "
+           f"({100 * r.acceptance_rate:.1f}%)\n" if r.drafted_tokens is not None else "")
+        + f"peak memory: {r.peak_memory:.3f} GB\n"
         f"KV cache: {r.kv_cache_bytes} bytes ({r.kv_cache_bytes / 2**20:.2f} MiB)"
     )

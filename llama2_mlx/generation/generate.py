@@ -22,8 +22,15 @@ from llama2_mlx.generation.sample import (
     LogitsProcessor,
     Sampler,
     greedy,
+    make_filter,
     make_logits_processors,
     make_sampler,
+)
+from llama2_mlx.generation.speculative import (
+    Drafter,
+    DraftStats,
+    make_drafter,
+    speculative_generate_step,
 )
 from llama2_mlx.models.cache import (
     BoundedKVCache,
@@ -61,10 +68,28 @@ class GenerationConfig:
     prefill_step: int = 512
     max_kv_size: Optional[int] = field(default=None, metadata={
         "help": "Bound the KV cache to N tokens (attention sinks and a sliding window)."})
+    prompt_lookup: Optional[int] = field(default=None, metadata={
+        "help": "Speculative decoding by prompt lookup: draft what followed the longest "
+        "match (up to N tokens) of the last tokens in the prompt and answer so far."})
+    draft_model: Optional[str] = field(default=None, metadata={
+        "help": "Speculative decoding with this smaller model of the same tokenizer "
+        "(folder or Hugging Face repo id) as the drafter."})
+    num_draft_tokens: int = field(default=6, metadata={
+        "help": "Most tokens drafted per step in speculative decoding (fewer while "
+        "drafts are rejected)."})
 
     def make_sampler(self) -> Sampler:
         """The sampler for temp/top_p/top_k/min_p."""
         return make_sampler(self.temp, self.top_p, self.top_k, self.min_p)
+
+    def make_filter(self):
+        """The distribution the sampler draws from (``sample.make_filter``; None: greedy)."""
+        return make_filter(self.temp, self.top_p, self.top_k, self.min_p)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether speculative decoding is asked for (prompt lookup or a draft model)."""
+        return self.prompt_lookup is not None or self.draft_model is not None
 
     def make_logits_processors(self) -> list[LogitsProcessor]:
         """The logits processors (repetition penalty) for these options."""
@@ -80,6 +105,13 @@ class GenerationConfig:
         if self.max_kv_size is not None and self.max_kv_size <= kv_sinks():
             raise OptionError("{max_kv_size} {got} must be larger than {keep} kept tokens",
                               got=self.max_kv_size, keep=kv_sinks())
+        if self.prompt_lookup is not None and self.prompt_lookup < 1:
+            raise OptionError("{prompt_lookup} must be >= 1, got {got}", got=self.prompt_lookup)
+        if self.num_draft_tokens < 1:
+            raise OptionError("{num_draft_tokens} must be >= 1, got {got}",
+                              got=self.num_draft_tokens)
+        if self.prompt_lookup is not None and self.draft_model is not None:
+            raise OptionError("give {prompt_lookup} or {draft_model}, not both")
         self.make_sampler()
         self.make_logits_processors()
 
@@ -111,6 +143,15 @@ class Response:
     kv_cache_bytes: int
     logprobs: Optional[mx.array] = None
     cached_tokens: int = 0  # prompt tokens taken from a PromptCache (not prefilled)
+    drafted_tokens: Optional[int] = None  # speculative decoding only: tokens drafted so far
+    accepted_tokens: int = 0  # of those, accepted
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """Accepted per drafted token (None without speculative decoding)."""
+        if self.drafted_tokens is None:
+            return None
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 def _processors(config: GenerationConfig, n: Optional[int]) -> list[LogitsProcessor]:
@@ -242,7 +283,7 @@ class StopStrings:
 
 def stream_generate(
     model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None,
-    prompt_cache: Optional[PromptCache] = None,
+    prompt_cache: Optional[PromptCache] = None, drafter: Optional[Drafter] = None,
 ) -> Iterator[Response]:
     """Generate from ``prompt_ids``, yielding a ``Response`` per sampled token.
 
@@ -251,6 +292,11 @@ def stream_generate(
     the ``finish_reason`` and the final statistics. With ``prompt_cache`` the
     prompt's prefix already in that cache is not run again, and the cache keeps
     this generation for the next (not with ``max_kv_size``: a fresh cache is used).
+
+    Speculative decoding (``speculative.py``) runs with a ``drafter`` given here, else
+    with the one of ``config.prompt_lookup`` / ``config.draft_model`` (loaded now: keep a
+    ``ModelDrafter`` to reuse it); greedy output is that of plain decoding, sampled
+    output has its distribution. The responses then count the drafted and accepted tokens.
     """
     config = config or GenerationConfig()
     config.check()
@@ -264,12 +310,22 @@ def stream_generate(
     else:
         prompt_cache, cache, cached = None, make_cache(model, config.max_kv_size), 0
     detok, stops = tokenizer.detokenizer(), StopStrings(config.stop)
-    steps = generate_step(
-        model, mx.array(ids[cached:]), cache=cache, sampler=config.make_sampler(),
-        logits_processors=_processors(config, tokenizer.vocab_size),
-        prefill_step=config.prefill_step, max_tokens=config.max_tokens,
-        history=mx.array(ids)[None],  # the processors see the whole prompt, cached or not
-    )
+    drafter = drafter if drafter is not None else make_drafter(config)
+    stats = DraftStats() if drafter is not None else None
+    if drafter is not None:
+        steps = speculative_generate_step(
+            model, mx.array(ids[cached:]), drafter, cache=cache, dist=config.make_filter(),
+            logits_processors=_processors(config, tokenizer.vocab_size),
+            prefill_step=config.prefill_step, max_tokens=config.max_tokens, context=ids,
+            num_draft_tokens=config.num_draft_tokens, stats=stats,
+        )
+    else:
+        steps = generate_step(
+            model, mx.array(ids[cached:]), cache=cache, sampler=config.make_sampler(),
+            logits_processors=_processors(config, tokenizer.vocab_size),
+            prefill_step=config.prefill_step, max_tokens=config.max_tokens,
+            history=mx.array(ids)[None],  # the processors see the whole prompt, cached or not
+        )
     P = len(ids)
     tic = time.perf_counter()
     prompt_tps, t_first, n = 0.0, tic, 0
@@ -280,6 +336,7 @@ def stream_generate(
         return Response(
             text, token, reason, P, prompt_tps, n, (n - 1) / dt if n > 1 and dt > 0 else 0.0,
             mx.get_peak_memory() / 1e9, cache_nbytes(cache), logprobs, cached,
+            stats.drafted if stats is not None else None, stats.accepted if stats is not None else 0,
         )
 
     def finish() -> str:
@@ -310,15 +367,20 @@ def stream_generate(
     finally:
         if prompt_cache is not None:
             # The cache holds the prompt and the sampled tokens fed back so far (the
-            # pipelined step may have fed one more than was shown).
+            # pipelined step may have fed one more than was shown; accepted drafts past a
+            # stop, more): it is trimmed to the tokens it is known to hold.
             prompt_cache.tokens = (ids + generated)[: min(c.offset for c in cache)]
+            for c in cache:
+                c.trim(c.offset - len(prompt_cache.tokens))
 
 
 def generate(
-    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None
+    model, tokenizer, prompt_ids: Sequence[int], config: Optional[GenerationConfig] = None,
+    drafter: Optional[Drafter] = None,
 ) -> str:
     """The whole generated text (see ``stream_generate``)."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt_ids, config))
+    steps = stream_generate(model, tokenizer, prompt_ids, config, drafter=drafter)
+    return "".join(r.text for r in steps)
 
 
 class Samples(NamedTuple):

@@ -58,23 +58,59 @@ def make_sampler(
     log_min_p = math.log(min_p) if min_p > 0 else None
 
     def sample(x: mx.array) -> mx.array:
-        x = x.astype(mx.float32) * inv_temp
-        order = mx.argsort(-x, axis=-1)  # descending
-        s = mx.take_along_axis(x, order, axis=-1)
-        s = s - mx.logsumexp(s, axis=-1, keepdims=True)
-        keep = mx.ones(s.shape, dtype=mx.bool_)
-        if 0 < top_k < s.shape[-1]:
-            keep = mx.arange(s.shape[-1]) < top_k
-        if top_p < 1:
-            p = mx.where(keep, mx.exp(s), 0.0)
-            p = p / p.sum(axis=-1, keepdims=True)
-            keep = keep & (mx.cumsum(p, axis=-1) - p <= top_p)
-        if log_min_p is not None:
-            keep = keep & (s >= s[..., :1] + log_min_p)
+        order, s, keep = _sorted_kept(x, inv_temp, top_p, top_k, log_min_p)
         idx = mx.random.categorical(mx.where(keep, s, -mx.inf), axis=-1)
         return mx.take_along_axis(order, mx.expand_dims(idx, -1), axis=-1).squeeze(-1)
 
     return sample
+
+
+def _sorted_kept(x: mx.array, inv_temp: float, top_p: float, top_k: int, log_min_p):
+    """The tempered scores sorted descending: (order, log-probabilities, which are kept)."""
+    x = x.astype(mx.float32) * inv_temp
+    order = mx.argsort(-x, axis=-1)  # descending
+    s = mx.take_along_axis(x, order, axis=-1)
+    s = s - mx.logsumexp(s, axis=-1, keepdims=True)
+    keep = mx.ones(s.shape, dtype=mx.bool_)
+    if 0 < top_k < s.shape[-1]:
+        keep = mx.arange(s.shape[-1]) < top_k
+    if top_p < 1:
+        p = mx.where(keep, mx.exp(s), 0.0)
+        p = p / p.sum(axis=-1, keepdims=True)
+        keep = keep & (mx.cumsum(p, axis=-1) - p <= top_p)
+    if log_min_p is not None:
+        keep = keep & (s >= s[..., :1] + log_min_p)
+    return order, s, keep
+
+
+def make_filter(
+    temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Optional[Callable[[mx.array], mx.array]]:
+    """The distribution ``make_sampler(temp, top_p, top_k, min_p)`` draws from: a map of
+    (B, V) log-probabilities (or logits) to the (B, V) log-probabilities of each token
+    being drawn (``-inf``: never), in vocabulary order. None for greedy (``temp == 0``).
+
+    Speculative decoding's accept/reject rule needs these probabilities, not just a draw.
+    """
+    _check(temp, top_p, top_k, min_p)
+    if temp == 0:
+        return None
+    inv_temp = 1.0 / temp
+    if top_p >= 1 and top_k == 0 and min_p == 0:
+        def tempered(x: mx.array) -> mx.array:
+            x = x.astype(mx.float32) * inv_temp
+            return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+        return tempered
+    log_min_p = math.log(min_p) if min_p > 0 else None
+
+    def filtered(x: mx.array) -> mx.array:
+        order, s, keep = _sorted_kept(x, inv_temp, top_p, top_k, log_min_p)
+        s = mx.where(keep, s, -mx.inf)
+        s = s - mx.logsumexp(s, axis=-1, keepdims=True)
+        return mx.take_along_axis(s, mx.argsort(order, axis=-1), axis=-1)  # back to id order
+
+    return filtered
 
 
 def make_repetition_penalty(penalty: float, context_size: Optional[int] = 20) -> LogitsProcessor:

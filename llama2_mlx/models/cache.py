@@ -62,6 +62,12 @@ class BaseKVCache(ABC):
     def is_trimmable(self) -> bool:
         """Whether ``trim`` can forget a token now."""
 
+    def trimmable_after(self, n: int) -> int:
+        """How many of the last tokens ``trim`` could forget exactly once ``n`` more tokens
+        are fed in one call (speculative decoding drafts no more than this). By default
+        none: a cache that can say more overrides this."""
+        return 0
+
     @abstractmethod
     def expand(self, k: int) -> None:
         """Repeat each sequence (batch row) of the cache k times, in place."""
@@ -127,6 +133,9 @@ class KVCache(BaseKVCache):
 
     def is_trimmable(self) -> bool:
         return self.offset > 0
+
+    def trimmable_after(self, n: int) -> int:
+        return self.offset + n
 
     def expand(self, k: int) -> None:
         if self.keys is not None:
@@ -242,6 +251,12 @@ class BoundedKVCache(BaseKVCache):
     def is_trimmable(self) -> bool:
         return self._exactly_trimmable() > 0
 
+    def trimmable_after(self, n: int) -> int:
+        size = min(self.size + n, self.max_size)
+        if self.size == self.offset and self.size + n <= self.max_size:
+            return self.offset + n  # still nothing dropped
+        return max(0, size - self.max_size + 1)
+
     def expand(self, k: int) -> None:
         if self.keys is not None:
             self.keys = mx.repeat(self.keys, k, axis=0)
@@ -333,6 +348,9 @@ class SharedPrefixKVCache(BaseKVCache):
 
     def is_trimmable(self) -> bool:
         return self.own.is_trimmable()
+
+    def trimmable_after(self, n: int) -> int:
+        return self.own.trimmable_after(n)
 
     def expand(self, k: int) -> None:
         """Repeat each row's own tokens k times; all rows still share the one prompt."""

@@ -12,7 +12,8 @@ done and leaves it when it is finished). The step for iteration t+1 is queued
 The n samples of one request are prefilled once and decode as rows of the batch
 over one copy of the prompt's keys and values (``DecodeBatch.add_group``). Sampling
 is per request (its temperature, top-p/k, min-p, repetition penalty and seed); a
-request's greedy output is the one it gets when served alone.
+request's greedy output is the one it gets when served alone. Speculative
+decoding (``drafter``): see solo.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llama2_mlx.serve.batch import SeqCache, prefill_rows
 from llama2_mlx.serve.jobs import Delta, Done, Failed, Finish, Job, TokenInfo
 from llama2_mlx.serve.prompt_cache import LRUPromptCache
 from llama2_mlx.serve.runs import Lane, Run, Sample, StepOut
+from llama2_mlx.serve.solo import context, make_solo, next_token
 
 log = logging.getLogger("llama2_mlx.serve")
 
@@ -47,11 +49,12 @@ class Engine:
 
     def __init__(self, models: dict, *, max_concurrency: int = 16,
                  prompt_cache_bytes: int = 1 << 30, prefill_step: int = 512,
-                 reward_model=None):
+                 reward_model=None, drafter=None, num_draft_tokens: int = 6):
         self.lanes = {name: Lane(name, m, t) for name, (m, t) in models.items()}
         self.max_concurrency = max_concurrency
         self.prefill_step = prefill_step
         self.reward_model = reward_model
+        self.drafter, self.num_draft_tokens = drafter, num_draft_tokens
         self.cache = LRUPromptCache(prompt_cache_bytes)
         self.inbox: "queue.Queue" = queue.Queue()
         self.waiting: deque[Run] = deque()
@@ -59,7 +62,7 @@ class Engine:
         self.active_rows = 0
         self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, prefilled_tokens=0,
                           prefill_calls=0, cached_tokens=0, generated_tokens=0, decode_steps=0,
-                          max_batch=0)
+                          max_batch=0, drafted_tokens=0, accepted_tokens=0)
         self._thread: Optional[threading.Thread] = None
         self._running = False
 
@@ -92,7 +95,8 @@ class Engine:
         return {
             "queued_requests": len(self.waiting),
             "active_requests": len(self.runs) - len(self.waiting),
-            "decoding_sequences": sum(len(lane.rows) for lane in self.lanes.values()),
+            "decoding_sequences": sum(len(lane.rows) + (lane.solo is not None)
+                                      for lane in self.lanes.values()),
             "prompt_cache": {"entries": len(self.cache), "bytes": self.cache.nbytes,
                              "max_bytes": self.cache.max_bytes},
             **self.stats,
@@ -103,7 +107,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
-                busy = bool(self.waiting) or any(lane.rows or lane.inflight
+                busy = bool(self.waiting) or any(lane.rows or lane.inflight or lane.solo
                                                  for lane in self.lanes.values())
                 if not self._drain(block=not busy):
                     break
@@ -115,6 +119,8 @@ class Engine:
                     if head is not None:
                         self._fail(head, 500, "the engine failed on this request")
                 for lane in self.lanes.values():
+                    if lane.solo is not None:
+                        self._solo_step(lane)
                     if lane.rows or lane.inflight:
                         try:
                             self._advance(lane)
@@ -192,6 +198,8 @@ class Engine:
             self.active_rows -= run.k
         run.started, run.kv, run.chunks = False, None, None
         lane = run.lane
+        if lane.solo is not None and lane.solo.run is run:
+            lane.solo = None
         if any(r.run is run for r in lane.rows):
             lane.keep([i for i, r in enumerate(lane.rows) if r.run is not run])
         for row in run.rows:
@@ -199,7 +207,8 @@ class Engine:
 
     def _fail_lane(self, lane: Lane) -> None:
         runs = {id(r.run): r.run for r in lane.rows}.values()
-        lane.reset()  # its arrays may be what failed: not touched again
+        solo, _ = lane.solo, lane.reset()  # its arrays may be what failed: not touched again
+        lane.solo = solo  # (decoding apart from the batch)
         for run in runs:
             self._fail(run, 500, "the engine failed on this request")
 
@@ -283,8 +292,36 @@ class Engine:
         """The prefilled run's rows join its lane's batch."""
         if run.kv is not None and run.cached < len(run.job.prompt) - 1:
             self.cache.insert(run.lane.name, run.job.prompt[:-1], run.kv)
-        run.lane.add(run, run.kv)
+        lane = run.lane
+        alone = not (lane.rows or lane.inflight or lane.solo)
+        if (self.drafter is not None and alone and run.k == 1 and not run.needs_logprobs
+                and not run.job.top_logprobs):
+            mx.random.seed(run.step_seed())
+            lane.solo = make_solo(run, run.kv, self.drafter(), self.num_draft_tokens)
+        else:
+            lane.add(run, run.kv)
         run.kv = None
+
+    def _solo_step(self, lane: Lane) -> None:
+        run = lane.solo.run
+        try:
+            token, drafted, accepted = next_token(lane.solo, None if run.greedy else run.step_seed())
+        except Exception:
+            log.exception("speculative step failed")
+            lane.solo = None
+            return self._fail(run, 500, "the engine failed on this request")
+        self.stats["drafted_tokens"] += drafted
+        self.stats["accepted_tokens"] += accepted
+        run.steps += 1
+        self._on_token(run.rows[0], token, None, [])
+        if run.rows[0].done:
+            held = context(lane.solo, run.job.prompt + run.rows[0].tokens)
+            if held is not None:  # kept for the prompt cache
+                self.cache.insert(lane.name, *held)
+            lane.solo = None
+            if id(run.job) in self.runs:
+                self._complete(run)
+        self._flush(run)
 
     # --------------------------------------------------------------- decoding
 
@@ -449,10 +486,9 @@ class Engine:
         if self.reward_model is not None:
             from llama2_mlx.rlhf.gate import as_scorer
 
-            seqs = []
-            for row in rows:  # prompt, answer and EOS: what the reward model was trained on
-                answer = [t for t in row.tokens if t != run.eos_id]
-                seqs.append(run.job.prompt + answer + [run.eos_id])
+            # prompt, answer and EOS: what the reward model was trained on
+            seqs = [run.job.prompt + [t for t in row.tokens if t != run.eos_id] + [run.eos_id]
+                    for row in rows]
             # No request is a safety prompt: the gate's threshold branch alone applies.
             scores = as_scorer(self.reward_model).score_tokens(seqs).rewards
         else:

@@ -77,6 +77,7 @@ class Lane:
         self.reset()
 
     def reset(self) -> None:
+        self.solo = None  # a lone request decoding speculatively (solo.Solo)
         self.batch = DecodeBatch(len(self.model.layers))
         self.rows: list[Sample] = []  # in batch order
         self.next: Optional[mx.array] = None  # (B,) each row's next input token
@@ -123,3 +124,4 @@ class StepOut:
     y: mx.array
     logprobs: Optional[mx.array]
     tops: dict
+

@@ -50,6 +50,9 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     dtype: Optional[str] = None
     shutdown_timeout: float = 10.0
+    prompt_lookup: Optional[int] = None  # speculative decoding of lone requests (solo.py)
+    draft_model: Optional[str] = None
+    num_draft_tokens: int = 6
 
     def check(self) -> None:
         """Raise ``Llama2Error`` for a bad option (before anything is loaded)."""
@@ -66,6 +69,28 @@ class ServeConfig:
             raise Llama2Error("--safety-reward-model needs --reward-model (the helpfulness one)")
         if self.api_key is not None and not self.api_key.strip():
             raise Llama2Error("--api-key is empty")
+        for name in ("prompt_lookup", "num_draft_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise Llama2Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.prompt_lookup is not None and self.draft_model is not None:
+            raise Llama2Error("give --prompt-lookup or --draft-model, not both")
+
+    def make_drafter(self, model):
+        """The function making the drafter of each speculative request (None: off); a draft
+        model is loaded now, checked against ``model``, and shared."""
+        from llama2_mlx.generation.speculative import (
+            ModelDrafter,
+            PromptLookupDrafter,
+            load_draft_model,
+        )
+
+        if self.prompt_lookup is not None:
+            return lambda: PromptLookupDrafter(self.prompt_lookup)
+        if self.draft_model is None:
+            return None
+        drafter = ModelDrafter(load_draft_model(self.draft_model, self.dtype))
+        drafter.check(model)
+        return lambda: drafter
 
 
 def parse_adapter_specs(specs: Optional[Sequence[str]]) -> dict[str, str]:
@@ -93,6 +118,7 @@ class Served:
     reward_model: object
     limits: Limits
     scorer: object = None
+    drafter: object = None  # makes the Drafter of a speculative request (None: off)
 
     @property
     def names(self) -> list[str]:
@@ -124,7 +150,8 @@ def load_served(config: ServeConfig, note: Optional[Callable[[str], None]] = Non
     context = base.model.args.max_seq_len
     if config.max_kv_size is not None:
         context = min(context, config.max_kv_size)
-    return Served(models, base.tokenizer, rm, Limits(context=context, max_n=config.max_n), scorer)
+    return Served(models, base.tokenizer, rm, Limits(context=context, max_n=config.max_n), scorer,
+                  config.make_drafter(base.model))
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -157,7 +184,9 @@ class Server:
             raise
         self.engine = Engine(self.served.models, max_concurrency=config.max_concurrency,
                              prompt_cache_bytes=config.prompt_cache_bytes,
-                             reward_model=self.served.scorer or self.served.reward_model)
+                             reward_model=self.served.scorer or self.served.reward_model,
+                             drafter=self.served.drafter,
+                             num_draft_tokens=config.num_draft_tokens)
         app = create_app(self.engine, self.served.tokenizer, self.served.names,
                          self.served.limits, api_key=config.api_key,
                          max_body_bytes=config.max_body_bytes)
