@@ -38,6 +38,7 @@ from llama2_mlx.models.cache import (
     cache_nbytes,
     fork,
     make_cache,
+    prefill,
 )
 
 
@@ -168,18 +169,6 @@ def _processors(config: GenerationConfig, n: Optional[int]) -> list[LogitsProces
     return processors + ([only_pieces] if n is not None else [])
 
 
-def _prefill(model, tokens: mx.array, cache: list, step: int) -> mx.array:
-    """Run all but the last column of (B, T) tokens through the model in chunks of
-    ``step``; return the rest. Only the caches are evaluated (no logits)."""
-    while tokens.shape[1] > 1:
-        n = min(step, tokens.shape[1] - 1)
-        model(tokens[:, :n], cache=cache)
-        mx.eval([c.state for c in cache])
-        tokens = tokens[:, n:]
-        mx.clear_cache()
-    return tokens
-
-
 def generate_step(
     model,
     prompt,
@@ -224,7 +213,7 @@ def generate_step(
         # behind the next step and stall the pipeline.
         return (y[0], logprobs[0]) if single else (y, logprobs)
 
-    y, logprobs = step(_prefill(model, tokens, cache, prefill_step))
+    y, logprobs = step(prefill(model, tokens, cache, prefill_step))
     mx.async_eval(y, logprobs)
     n = 0
     while True:
@@ -459,7 +448,7 @@ def sample_k(
         mx.random.seed(config.seed)
     prompt = mx.array(list(prompt_ids))[None]
     cache = make_cache(model, config.max_kv_size)
-    last = _prefill(model, prompt, cache, config.prefill_step)
+    last = prefill(model, prompt, cache, config.prefill_step)
     cache = fork(cache, k)  # the prompt's KV held once, shared by the k rows
     steps = generate_step(
         model, mx.repeat(last, k, axis=0), cache=cache, sampler=config.make_sampler(),

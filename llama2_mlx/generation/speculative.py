@@ -37,7 +37,7 @@ import mlx.core as mx
 
 from llama2_mlx.errors import Llama2Error, OptionError
 from llama2_mlx.generation.sample import LogitsProcessor, greedy
-from llama2_mlx.models.cache import common_prefix_length, make_cache
+from llama2_mlx.models.cache import common_prefix_length, make_cache, prefill
 
 Dist = Callable[[mx.array], mx.array]  # (B, V) log-probabilities -> those drawn from (-inf: never)
 
@@ -154,13 +154,8 @@ class ModelDrafter(Drafter):
             c.trim(c.offset - n)
         if any(c.offset != n for c in self.cache):
             self.cache, n = make_cache(self.model), 0
-        rest = mx.array(list(tokens[n:]))[None]
-        while rest.shape[1] > 1:
-            m = min(self.prefill_step, rest.shape[1] - 1)
-            self.model(rest[:, :m], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            rest = rest[:, m:]
-        return rest
+        return prefill(self.model, mx.array(list(tokens[n:]))[None], self.cache,
+                       self.prefill_step)
 
     def draft(self, tokens, k, dist=None, processors=()):
         if k < 1:
@@ -295,13 +290,7 @@ def speculative_generate_step(
         y = greedy(logprobs) if dist is None else mx.random.categorical(dist(logprobs), axis=-1)
         return y[0], logprobs[0]
 
-    rest = prompt[None]
-    while rest.shape[1] > 1:  # prefill all but the last token
-        m = min(prefill_step, rest.shape[1] - 1)
-        model(rest[:, :m], cache=cache)
-        mx.eval([c.state for c in cache])
-        rest = rest[:, m:]
-        mx.clear_cache()
+    prefill(model, prompt[None], cache, prefill_step)  # all but the last token
 
     n, pending, hist, more = 0, None, None, False
     while True:

@@ -407,6 +407,19 @@ class PromptCache:
         return n
 
 
+def prefill(model, tokens: mx.array, cache: list, step: int) -> mx.array:
+    """Run all but the last column of (B, T) ``tokens`` through ``model`` into ``cache``
+    in chunks of ``step``; return the rest, (B, 1). Only the caches are evaluated (no
+    logits are kept)."""
+    while tokens.shape[1] > 1:
+        n = min(step, tokens.shape[1] - 1)
+        model(tokens[:, :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[:, n:]
+        mx.clear_cache()
+    return tokens
+
+
 def make_cache(model, max_kv_size: Optional[int] = None, left_padding=None) -> list:
     """One cache per layer of ``model`` (bounded when ``max_kv_size`` is given)."""
     n = len(model.layers)
