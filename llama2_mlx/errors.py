@@ -106,20 +106,18 @@ def check_number(name: str, value, *, min=None, max=None, above=None, below=None
         raise OptionError(placeholder + " must be " + kind + " (got {got!r})", got=value)
     if isinstance(value, float) and not math.isfinite(value):
         raise OptionError(placeholder + " must be a finite number (got {got})", got=value)
-    lower = (min, "[", value >= min) if min is not None else (
-        (above, "(", value > above) if above is not None else None)
-    upper = (max, "]", value <= max) if max is not None else (
-        (below, ")", value < below) if below is not None else None)
-    if lower is not None and upper is not None:
-        if not (lower[2] and upper[2]):
+    # Each side: (bound, its bracket in an interval, its words alone, whether value is in).
+    lower = ((min, "[", "at least", value >= min) if min is not None else
+             (above, "(", "above", value > above) if above is not None else None)
+    upper = ((max, "]", "at most", value <= max) if max is not None else
+             (below, ")", "below", value < below) if below is not None else None)
+    if lower and upper:
+        if not (lower[3] and upper[3]):
             raise OptionError(placeholder + " must be in {interval} (got {got})", got=value,
                               interval=f"{lower[1]}{lower[0]}, {upper[0]}{upper[1]}")
         return
-    for bound, ok, words in ((min, lambda b: value >= b, "at least"),
-                             (max, lambda b: value <= b, "at most"),
-                             (above, lambda b: value > b, "above"),
-                             (below, lambda b: value < b, "below")):
-        if bound is not None and not ok(bound):
+    for bound, _, words, inside in filter(None, (lower, upper)):
+        if not inside:
             raise OptionError(placeholder + " must be " + words + " {bound} (got {got})",
                               bound=bound, got=value)
 

@@ -9,7 +9,6 @@ Reading any layout is ``load.py``'s job; the weight table is ``formats.weights``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional

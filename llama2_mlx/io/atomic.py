@@ -154,10 +154,9 @@ def save_weights(path, arrays: dict[str, mx.array], metadata: Optional[dict] = N
 
 
 def save_safetensors_atomic(path, arrays: dict[str, mx.array], metadata: Optional[dict] = None):
-    """Write ``arrays`` to ``path`` atomically (see ``atomic_file``)."""
-    check_finite(arrays, path)
+    """Write finite ``arrays`` to ``path`` atomically (``atomic_file`` + ``save_weights``)."""
     with atomic_file(path, ".safetensors") as tmp:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        save_weights(tmp, arrays, metadata)
 
 
 def append_line(path, line: str) -> None:

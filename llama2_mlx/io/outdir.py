@@ -303,17 +303,15 @@ def claim_output(
                                  else results, resume, overwrite, continues, say, whole)
         except Llama2Error as e:
             error = e
-    if distributed:
+    if distributed:  # rank 0's error on every rank, still naming the option as typed
         verdict = world.broadcast_object(
-            None if error is None else {"template": getattr(getattr(error, "text", None),
-                                                            "template", None),
-                                        "values": getattr(getattr(error, "text", None),
-                                                          "values", {}),
-                                        "message": str(error)},
+            None if error is None else {"message": str(error)} if not isinstance(
+                error, OptionError) else {"template": error.text.template,
+                                          "values": error.text.values},
             "claiming the output folder")
         if verdict is not None and error is None:
             error = (OptionError(verdict["template"], **verdict["values"])
-                     if verdict["template"] else Llama2Error(verdict["message"]))
+                     if "template" in verdict else Llama2Error(verdict["message"]))
     if error is not None:
         raise error
     try:

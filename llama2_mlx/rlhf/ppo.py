@@ -41,14 +41,12 @@ from mlx.utils import tree_flatten, tree_map
 from llama2_mlx.chat.records import cut_answer
 from llama2_mlx.errors import SEED_RANGE, Llama2Error, OptionError, check_fields
 from llama2_mlx.generation.generate import GenerationConfig, sample_k
-from llama2_mlx.io.progress import ProgressBar, log_stderr
 from llama2_mlx.models.lora import (
     LoRAConfig,
     adapter_weights,
     apply_lora,
     disabled_adapters,
     lora_layers,
-    save_adapters,
     train_lora_only,
 )
 from llama2_mlx.models.model import eval_mode

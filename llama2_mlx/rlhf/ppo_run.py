@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from llama2_mlx.errors import Llama2Error, OptionError
+from llama2_mlx.errors import OptionError
 from llama2_mlx.io.atomic import write_json_atomic
 from llama2_mlx.io.outdir import Claim, claim_output
 from llama2_mlx.io.progress import ProgressBar, log_stderr
