@@ -79,6 +79,46 @@ def model_dir(tmp_path_factory, spm_path):
     return save_model(make_model(), tmp_path_factory.mktemp("tiny-model"), spm_path)
 
 
+@pytest.fixture(scope="session")
+def plain_dir(model_dir, tmp_path_factory):
+    """``model_dir`` without a chat template (as a Meta download is): raw text prompts."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("no-template")
+    for f in model_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def demo_reward_model(tmp_path_factory):
+    """A LoRA reward model (random head, rank 2, seed 0) on the bundled demo model."""
+    from llama2_mlx.checkpoints.load import load
+    from llama2_mlx.demo import default_model_path
+    from llama2_mlx.models.lora import LoRAConfig, apply_lora
+    from llama2_mlx.rlhf.reward_model import RewardModel, save_reward_model
+
+    mx.random.seed(0)
+    rm = RewardModel.from_policy(load(default_model_path())[0])
+    lora = LoRAConfig(rank=2)
+    apply_lora(rm, lora)
+    return save_reward_model(rm, tmp_path_factory.mktemp("demo-rm") / "rm",
+                             base_model=default_model_path(), lora_config=lora)
+
+
+def target_runs(sample):
+    """The maximal runs of a sample's target tokens (EOS kept as an id)."""
+    runs, cur = [], []
+    for t, y in zip(sample.tokens, sample.targets):
+        if y:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
                      help="also run the tests marked slow (the whole walkthrough)")

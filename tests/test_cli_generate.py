@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import pytest
 from conftest import make_model
@@ -18,16 +17,6 @@ from llama2_mlx.generation.generate import (
 )
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def plain_dir(model_dir, tmp_path_factory):
-    """``model_dir`` without a chat template (as a Meta download is)."""
-    d = tmp_path_factory.mktemp("no-template")
-    for f in model_dir.iterdir():
-        if f.name != "tokenizer_config.json":
-            shutil.copy(f, d / f.name)
-    return d
 
 
 def chat_answer(tok, messages, **options) -> str:

@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model
+from conftest import make_model, target_runs
 
 from llama2_mlx.errors import Llama2Error
 from llama2_mlx.training.data import (
@@ -23,18 +23,6 @@ from llama2_mlx.training.sft import sft_loss, token_losses
 def write_jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
-
-
-def target_runs(sample):
-    """The maximal runs of target tokens, decoded (EOS kept as an id)."""
-    runs, cur = [], []
-    for t, y in zip(sample.tokens, sample.targets):
-        if y:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 def test_prompt_completion_trains_only_the_answer_and_its_eos(tok):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
 import pytest
+from conftest import target_runs
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -23,17 +23,6 @@ INSTRUCTION = "Answer in uppercase."
 def dialog(n, system=None):
     return G.Dialog([f"Spell the word {w}." for w in ("lemon", "garden", "river", "cat", "dog")[:n]],
                     system)
-
-
-def target_runs(sample):
-    runs, cur = [], []
-    for t, y in zip(sample.tokens, sample.targets):
-        if y:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 # --------------------------------------------------------------------------- records and masks
@@ -121,20 +110,6 @@ def test_sampling_appends_the_instruction_to_every_user_turn_turn_by_turn(tok, m
 
 
 # --------------------------------------------------------------------------- the command
-
-
-@pytest.fixture(scope="module")
-def demo_reward_model(tmp_path_factory):
-    from llama2_mlx.checkpoints.load import load
-    from llama2_mlx.models.lora import LoRAConfig, apply_lora
-    from llama2_mlx.rlhf.reward_model import RewardModel, save_reward_model
-
-    mx.random.seed(0)
-    rm = RewardModel.from_policy(load(default_model_path())[0])
-    config = LoRAConfig(rank=2)
-    apply_lora(rm, config)
-    return save_reward_model(rm, tmp_path_factory.mktemp("gatt") / "rm",
-                             base_model=default_model_path(), lora_config=config)
 
 
 def test_gatt_cli_on_the_demo_model_writes_lora_train_records(tmp_path, demo_reward_model):

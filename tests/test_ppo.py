@@ -138,20 +138,6 @@ def test_early_stop_on_the_held_out_kl(base, prompts, tmp_path):
 # --------------------------------------------------------------------------- the command
 
 
-@pytest.fixture(scope="module")
-def demo_reward_model(tmp_path_factory):
-    from llama2_mlx.checkpoints.load import load
-    from llama2_mlx.models.lora import LoRAConfig, apply_lora
-    from llama2_mlx.rlhf.reward_model import RewardModel, save_reward_model
-
-    mx.random.seed(0)
-    rm = RewardModel.from_policy(load(default_model_path())[0])
-    lora = LoRAConfig(rank=2)
-    apply_lora(rm, lora)
-    return save_reward_model(rm, tmp_path_factory.mktemp("ppo") / "rm",
-                             base_model=default_model_path(), lora_config=lora)
-
-
 def test_ppo_cli_on_the_demo_model(tmp_path, prompts, demo_reward_model):
     from typer.testing import CliRunner
 

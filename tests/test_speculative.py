@@ -290,18 +290,6 @@ def test_the_filter_is_the_distribution_the_sampler_draws_from():
 # ----------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture(scope="module")
-def raw_dir(model_dir, tmp_path_factory):
-    """``model_dir`` without a chat template (raw text prompts)."""
-    import shutil
-
-    d = tmp_path_factory.mktemp("raw-model")
-    for f in model_dir.iterdir():
-        if f.name != "tokenizer_config.json":
-            shutil.copy(f, d / f.name)
-    return d
-
-
 def invoke(*args, input=None):
     from typer.testing import CliRunner
 
@@ -313,10 +301,10 @@ def invoke(*args, input=None):
 PROMPT = "the quick brown fox the quick brown fox the quick brown"
 
 
-def test_cli_generate_with_prompt_lookup_and_a_draft_model(raw_dir, small, tmp_path, spm_path):
+def test_cli_generate_with_prompt_lookup_and_a_draft_model(plain_dir, small, tmp_path, spm_path):
     from llama2_mlx.checkpoints.export import save_model
 
-    base = ["generate", "-m", str(raw_dir), "-p", PROMPT, "--max-tokens", "16"]
+    base = ["generate", "-m", str(plain_dir), "-p", PROMPT, "--max-tokens", "16"]
     plain = invoke(*base)
     assert plain.exit_code == 0, plain.stderr
     assert "speculative" not in plain.stderr
@@ -345,21 +333,21 @@ def test_cli_chat_with_prompt_lookup_answers_as_without(model_dir):
     (["--prompt-lookup", "2", "--draft-model", "x"],
      "error: give --prompt-lookup or --draft-model, not both"),
 ])
-def test_cli_bad_speculative_options_are_one_line_errors(raw_dir, args, message):
+def test_cli_bad_speculative_options_are_one_line_errors(plain_dir, args, message):
     for command in (["generate", "-p", "hi"], ["chat"]):
-        r = invoke(*command, "-m", str(raw_dir), *args)
+        r = invoke(*command, "-m", str(plain_dir), *args)
         assert r.exit_code == 2 and r.stderr.strip() == message, r.stderr
 
 
-def test_cli_a_draft_model_with_another_vocabulary_is_refused(raw_dir):
+def test_cli_a_draft_model_with_another_vocabulary_is_refused(plain_dir):
     from pathlib import Path
 
     import llama2_mlx.demo as demo
 
     demo_dir = Path(demo.__file__).parent / "assets"  # 1024 pieces, the tiny model 512
-    r = invoke("generate", "-m", str(raw_dir), "-p", "hi", "--draft-model", str(demo_dir))
+    r = invoke("generate", "-m", str(plain_dir), "-p", "hi", "--draft-model", str(demo_dir))
     assert r.exit_code == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --draft-model has a vocabulary of 1024")
-    r = invoke("generate", "-m", str(raw_dir), "-p", "hi", "--draft-model", str(raw_dir / "nope"))
+    r = invoke("generate", "-m", str(plain_dir), "-p", "hi", "--draft-model", str(plain_dir / "nope"))
     assert r.exit_code == 2 and r.stderr.startswith("error: --draft-model "), r.stderr
