@@ -330,6 +330,11 @@ def test_cli_chat_with_prompt_lookup_answers_as_without(model_dir):
 @pytest.mark.parametrize("args, message", [
     (["--prompt-lookup", "0"], "error: --prompt-lookup must be >= 1, got 0"),
     (["--num-draft-tokens", "-1"], "error: --num-draft-tokens must be >= 1, got -1"),
+    # an n-gram index per size and a draft per token: bounded (10**12 hung, building it)
+    (["--prompt-lookup", "1000000000000"],
+     "error: --prompt-lookup must be at most 64 (got 1000000000000)"),
+    (["--prompt-lookup", "2", "--num-draft-tokens", "100000"],
+     "error: --num-draft-tokens must be at most 64 (got 100000)"),
     (["--prompt-lookup", "2", "--draft-model", "x"],
      "error: give --prompt-lookup or --draft-model, not both"),
 ])

@@ -71,13 +71,14 @@ class GenerationConfig:
         "help": "Bound the KV cache to N tokens (attention sinks and a sliding window)."})
     prompt_lookup: Optional[int] = field(default=None, metadata={
         "help": "Speculative decoding by prompt lookup: draft what followed the longest "
-        "match (up to N tokens) of the last tokens in the prompt and answer so far."})
+        "match (up to N tokens) of the last tokens in the prompt and answer so far.",
+        "max": 64})  # the drafter keeps an n-gram index per size: bounded
     draft_model: Optional[str] = field(default=None, metadata={
         "help": "Speculative decoding with this smaller model of the same tokenizer "
         "(folder or Hugging Face repo id) as the drafter."})
     num_draft_tokens: int = field(default=6, metadata={
         "help": "Most tokens drafted per step in speculative decoding (fewer while "
-        "drafts are rejected)."})
+        "drafts are rejected).", "max": 64})
 
     def make_sampler(self) -> Sampler:
         """The sampler for temp/top_p/top_k/min_p."""
