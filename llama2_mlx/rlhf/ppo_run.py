@@ -10,7 +10,6 @@ number), ``metrics.jsonl`` ("ppo" records, one per iteration; "eval" records) an
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -34,7 +33,12 @@ from llama2_mlx.rlhf.ppo import (
     policy_with_lora,
     ppo_iteration,
 )
-from llama2_mlx.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llama2_mlx.training.checkpoint import (
+    json_digest,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
 from llama2_mlx.training.trainer import restore_optimizer
 
@@ -49,10 +53,6 @@ def claim_ppo_folder(out_dir, resume: bool, overwrite: bool, log):
     """``claim_output`` of a PPO run's folder (``--out``)."""
     return claim_output(out_dir, field="out", artefacts=PPO_ARTEFACTS, results=PPO_RESULTS,
                         resume=resume, overwrite=overwrite, continues="{resume}", say=log)
-
-
-def _digest(x) -> str:
-    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def ppo(policy, tokenizer, reward: RewardFn, prompts: Sequence[Sequence[dict]], out_dir,
@@ -84,8 +84,8 @@ def ppo(policy, tokenizer, reward: RewardFn, prompts: Sequence[Sequence[dict]], 
         eval_flags = check_prompts(eval_prompts, eval_safety_prompts, "held-out prompts")
     out = Path(out_dir)
     policy, lora_cfg, start = policy_with_lora(policy, config, lora_config)
-    settings = {**config.settings(), "prompts": _digest([list(prompts), flags]),
-                "eval_prompts": _digest([list(eval_prompts), eval_flags])}
+    settings = {**config.settings(), "prompts": json_digest([list(prompts), flags]),
+                "eval_prompts": json_digest([list(eval_prompts), eval_flags])}
     run = _Run(policy, tokenizer, reward, config, out, lora_cfg, start, claim, log, settings)
     run.begin(resume)
     return run.loop((list(prompts), flags), (list(eval_prompts), eval_flags))

@@ -40,6 +40,7 @@ from llama2_mlx.rlhf.rejection import (
     write_report,
 )
 from llama2_mlx.rlhf.reward_model import RewardModel
+from llama2_mlx.training.checkpoint import json_digest
 from llama2_mlx.training.metrics import METRICS_FILE, MetricsLog
 
 if TYPE_CHECKING:
@@ -119,19 +120,15 @@ _NOT_SETTINGS = ("data", "train", "valid", "test", "adapter_path", "resume", "ov
 
 def _settings(config: RSLoopConfig, prompts, eval_prompts, flags, eval_flags) -> dict:
     """What a resumed run must share with the run it continues (all but the iteration count)."""
-    import hashlib
-
-    def digest(x) -> str:
-        return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
-
     sft = {k: v for k, v in config.sft.settings().items() if k not in _NOT_SETTINGS}
     return json.loads(json.dumps({
         "k": config.rs.k, "generation": dataclasses.asdict(config.rs.generation),
         "score_batch_size": config.rs.score_batch_size, "sft": sft,
         "greedy_max_tokens": config.greedy_max_tokens,
         # The safety flags count only when a prompt has one (older runs stay resumable).
-        "prompts": digest([prompts, flags] if any(flags) else prompts),
-        "eval_prompts": digest([eval_prompts, eval_flags] if any(eval_flags) else eval_prompts)}))
+        "prompts": json_digest([prompts, flags] if any(flags) else prompts),
+        "eval_prompts": json_digest([eval_prompts, eval_flags] if any(eval_flags)
+                                    else eval_prompts)}))
 
 
 def _differences(old, new, where=""):

@@ -9,6 +9,7 @@ so a crash never leaves a half-written checkpoint behind (``io.atomic``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,12 @@ from llama2_mlx.io.readers import file_size, read_json
 PARAMS_FILE = "params.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+
+
+def json_digest(x) -> str:
+    """A short digest of JSON data, for a run's settings (its prompts) to be compared on
+    resume without storing them."""
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _step_dir(root: Path, step: int) -> Path:
